@@ -1,0 +1,349 @@
+"""Loading model folders: both layouts give the checkpoint's exact weights, and every bad file is a clear error."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import utils
+from checkpoint import read_tf_index
+from conftest import ROOT, SHAPES, tf_variables
+from utils import GPT2Error, load_encoder_hparams_and_params
+
+DATA = "model.ckpt.data-00000-of-00001"
+
+
+def copy_model(source, destination):
+    """A private copy of a model folder, without the marker a previous load may have left in it."""
+    shutil.copytree(source, destination, ignore=shutil.ignore_patterns(utils.VERIFIED_MARKER, ".download.lock"))
+    return destination
+
+
+def assert_same_params(loaded, expected):
+    """Same tensor names, shapes and float32 bits (as TF names; conv weights compared in their stored [1, nx, nf])."""
+    loaded, expected = tf_variables(loaded), tf_variables(expected)
+    assert loaded.keys() == expected.keys()
+    for name, array in loaded.items():
+        assert array.dtype == np.float32, name
+        assert array.shape == expected[name].shape, name
+        assert np.array_equal(array.view(np.uint32), expected[name].view(np.uint32)), name
+
+
+def hf_state(model):
+    """Hugging Face's own tensor names and values for a GPT2LMHeadModel, without the transformer. prefix."""
+    return {name.removeprefix("transformer."): tensor.numpy() for name, tensor in model.state_dict().items()}
+
+
+def add_tokenizer(model_dir, vocab_dir):
+    shutil.copyfile(vocab_dir / "encoder.json", model_dir / "vocab.json")
+    shutil.copyfile(vocab_dir / "vocab.bpe", model_dir / "merges.txt")
+
+
+def flip_byte(path, offset):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0xFF]))
+
+
+@pytest.fixture
+def checkpoint_loads(monkeypatch):
+    """(verify_crc, tensors returned) for each call the loader makes to load_tf_checkpoint."""
+    calls = []
+    real_load = utils.load_tf_checkpoint
+
+    def spy(prefix, names=None, verify_crc=False):
+        tensors = real_load(prefix, names, verify_crc)
+        calls.append((verify_crc, tensors))
+        return tensors
+
+    monkeypatch.setattr(utils, "load_tf_checkpoint", spy)
+    return calls
+
+
+def crc_passes(checkpoint_loads):
+    return [verify_crc for verify_crc, _ in checkpoint_loads]
+
+
+@pytest.fixture
+def tiny_dir(fixture_model, tmp_path):
+    return copy_model(fixture_model("tiny")[0], tmp_path / "tiny")
+
+
+def load_error(**kwargs):
+    with pytest.raises(GPT2Error) as info:
+        load_encoder_hparams_and_params(**kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_each_fixture_loads_bit_for_bit(name, fixture_model, tmp_path, checkpoint_loads):
+    import tensorflow as tf
+
+    model_dir = copy_model(fixture_model(name)[0], tmp_path / name)
+    _, hparams, params = fixture_model(name)
+
+    encoder, loaded_hparams, loaded = load_encoder_hparams_and_params(model_dir=str(model_dir))
+
+    assert loaded_hparams == hparams
+    assert len(encoder.encoder) == hparams["n_vocab"]
+    assert len(loaded["blocks"]) == hparams["n_layer"]
+    n_embd = hparams["n_embd"]
+    assert loaded["wte"].shape == (hparams["n_vocab"], n_embd)
+    assert loaded["wpe"].shape == (hparams["n_ctx"], n_embd)
+    block = loaded["blocks"][0]
+    assert block["attn"]["c_attn"]["w"].shape == (n_embd, 3 * n_embd)
+    assert block["mlp"]["c_fc"]["w"].shape == (n_embd, 4 * n_embd)
+    assert block["mlp"]["c_proj"]["w"].shape == (4 * n_embd, n_embd)
+    assert_same_params(loaded, params)
+    checkpoint = str(model_dir / "model.ckpt")
+    assert {name for name, _ in tf.train.list_variables(checkpoint)} == tf_variables(loaded).keys()
+    for tf_name, array in tf_variables(loaded).items():
+        assert np.array_equal(array, tf.train.load_variable(checkpoint, tf_name)), tf_name
+    # Zero-copy: the squeezed conv weight is a view of the memory-mapped tensor, not a copy.
+    [(_, raw)] = checkpoint_loads
+    assert np.shares_memory(block["attn"]["c_attn"]["w"], raw["model/h0/attn/c_attn/w"])
+
+
+def test_a_models_dir_folder_loads_as_its_hparams_say_without_downloading(fixture_model, tmp_path, monkeypatch):
+    copy_model(fixture_model("tiny")[0], tmp_path / "124M")
+    monkeypatch.setattr(utils, "download_gpt2_files", lambda *a, **k: pytest.fail("nothing is missing"))
+    _, hparams, params = load_encoder_hparams_and_params("124M", str(tmp_path))
+    assert hparams == SHAPES["tiny"]
+    assert_same_params(params, fixture_model("tiny")[2])
+
+
+def params_checksum(params):
+    """A digest of every tensor's name and float32 bytes, to compare params across processes."""
+    digest = hashlib.sha256()
+    for name, array in sorted(tf_variables(params).items()):
+        digest.update(name.encode() + np.ascontiguousarray(array, np.float32).tobytes())
+    return digest.hexdigest()
+
+
+def test_loading_needs_no_tensorflow(fixture_model, tmp_path):
+    model_dir = copy_model(fixture_model("wide")[0], tmp_path / "wide")
+    script = (
+        "import sys\n"
+        "sys.modules['tensorflow'] = None  # any import of TensorFlow now fails\n"
+        f"sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]\n"
+        "from test_loading import params_checksum\n"
+        "from utils import load_encoder_hparams_and_params\n"
+        f"print(params_checksum(load_encoder_hparams_and_params(model_dir={str(model_dir)!r})[2]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == params_checksum(fixture_model("wide")[2])
+
+
+def test_hugging_face_save_pretrained_loads_the_same_params(fixture_model, hf_model, vocab_dir, tmp_path):
+    _, hparams, params = fixture_model("h12")
+    hf_model("h12").save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "config.json").is_file()
+    add_tokenizer(tmp_path, vocab_dir)
+
+    _, loaded_hparams, loaded = load_encoder_hparams_and_params(model_dir=tmp_path)
+
+    assert loaded_hparams == hparams
+    assert_same_params(loaded, params)
+
+
+def test_safetensors_without_prefix_and_with_tied_head_and_mask_buffers(fixture_model, hf_model, vocab_dir, tmp_path):
+    _, hparams, params = fixture_model("tiny")
+    state = hf_state(hf_model("tiny"))
+    assert not any(name.startswith("transformer.") for name in state)
+    n_ctx = hparams["n_ctx"]
+    # What older checkpoints also hold: the tied head and each block's constant causal mask.
+    state["lm_head.weight"] = params["wte"]
+    state["h.0.attn.bias"] = np.tril(np.ones((n_ctx, n_ctx), np.float32))[None, None]
+    state["h.0.attn.masked_bias"] = np.array(-1e4, np.float32)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    hf_model("tiny").config.to_json_file(tmp_path / "config.json")
+    add_tokenizer(tmp_path, vocab_dir)
+
+    _, _, loaded = load_encoder_hparams_and_params(model_dir=tmp_path)
+
+    assert_same_params(loaded, params)
+
+
+def test_float16_safetensors_load_as_the_rounded_values(fixture_model, hf_model, vocab_dir, tmp_path):
+    _, _, params = fixture_model("tiny")
+    state = {name: array.astype(np.float16) for name, array in hf_state(hf_model("tiny")).items()}
+    save_file(state, str(tmp_path / "model.safetensors"))
+    hf_model("tiny").config.to_json_file(tmp_path / "config.json")
+    add_tokenizer(tmp_path, vocab_dir)
+
+    _, _, loaded = load_encoder_hparams_and_params(model_dir=tmp_path)
+
+    rounded = {name: array.astype(np.float16).astype(np.float32) for name, array in tf_variables(params).items()}
+    assert not all(np.array_equal(rounded[name], array) for name, array in tf_variables(params).items())
+    for name, array in tf_variables(loaded).items():
+        assert array.dtype == np.float32 and np.array_equal(array, rounded[name]), name
+
+
+def test_a_safetensors_file_missing_a_tensor_names_it(hf_model, vocab_dir, tmp_path):
+    state = hf_state(hf_model("tiny"))
+    del state["ln_f.bias"]
+    save_file(state, str(tmp_path / "model.safetensors"))
+    hf_model("tiny").config.to_json_file(tmp_path / "config.json")
+    add_tokenizer(tmp_path, vocab_dir)
+    assert "ln_f.bias" in load_error(model_dir=tmp_path)
+
+
+def test_a_config_json_without_vocab_size_names_the_key(hf_model, vocab_dir, tmp_path):
+    save_file(hf_state(hf_model("tiny")), str(tmp_path / "model.safetensors"))
+    config = hf_model("tiny").config.to_dict()
+    del config["vocab_size"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    add_tokenizer(tmp_path, vocab_dir)
+    message = load_error(model_dir=tmp_path)
+    assert "config.json" in message and "vocab_size" in message
+
+
+HPARAMS_PROBLEMS = {
+    "empty": ("", "is empty"),
+    "not JSON": ('{"n_vocab": 50257,', "not valid JSON"),
+    "not an object": ("[50257, 32, 64, 4, 2]", "JSON list"),
+    "key missing": (dict(n_vocab=50257, n_ctx=32, n_embd=64, n_layer=2), "has no 'n_head'"),
+    "zero": (dict(SHAPES["tiny"], n_layer=0), "'n_layer' must be a positive whole number"),
+    "a string": (dict(SHAPES["tiny"], n_ctx="32"), "'n_ctx' must be a positive whole number"),
+    "a bool": (dict(SHAPES["tiny"], n_head=True), "'n_head' must be a positive whole number"),
+    "heads don't divide": (dict(SHAPES["tiny"], n_head=5), "must be divisible by 'n_head'"),
+    "n_embd disagrees with the tensors": (
+        dict(SHAPES["tiny"], n_embd=32), "tensor model/wte has shape [50257, 64], but hparams.json implies [50257, 32]"
+    ),
+    "n_ctx disagrees with the tensors": (
+        dict(SHAPES["tiny"], n_ctx=64), "tensor model/wpe has shape [32, 64], but hparams.json implies [64, 64]"
+    ),
+    "too many layers": (dict(SHAPES["tiny"], n_layer=3), "lacks 12 tensors that hparams.json implies, e.g. model/h2/"),
+    "too few layers": (
+        dict(SHAPES["tiny"], n_layer=1), "has 12 tensors that hparams.json doesn't imply, e.g. model/h1/"
+    ),
+    "n_vocab disagrees with encoder.json": (dict(SHAPES["tiny"], n_vocab=50000), "vocabulary of 50000 tokens but"),
+}
+
+
+@pytest.mark.parametrize("problem", HPARAMS_PROBLEMS)
+def test_bad_hparams_json_is_a_clear_error(problem, tiny_dir):
+    content, expected = HPARAMS_PROBLEMS[problem]
+    (tiny_dir / "hparams.json").write_text(content if isinstance(content, str) else json.dumps(content))
+    message = load_error(model_dir=tiny_dir)
+    assert expected in message and "hparams.json" in message
+
+
+def test_missing_hparams_json_is_named(tiny_dir):
+    (tiny_dir / "hparams.json").unlink()
+    assert "lacks hparams.json" in load_error(model_dir=tiny_dir)
+
+
+def test_missing_hparams_json_in_a_models_dir_folder_is_named(tiny_dir, monkeypatch):
+    model_dir = tiny_dir.parent / "models" / "124M"
+    shutil.move(tiny_dir, model_dir)
+    (model_dir / "hparams.json").unlink()
+    # As if the download had stopped short of hparams.json.
+    monkeypatch.setattr(utils, "download_gpt2_files", lambda *a, **k: None)
+    assert "hparams.json is missing" in load_error(model_size="124M", models_dir=model_dir.parent)
+
+
+def test_corrupt_encoder_json_is_a_clear_error(tiny_dir):
+    (tiny_dir / "encoder.json").write_text('{"!": 0, ')
+    message = load_error(model_dir=tiny_dir)
+    assert "tokenizer" in message and "encoder.json" in message
+
+
+def test_a_truncated_data_file_is_a_clear_error(tiny_dir):
+    data = tiny_dir / DATA
+    os.truncate(data, data.stat().st_size // 2)
+    message = load_error(model_dir=tiny_dir)
+    assert "truncated" in message and DATA in message
+
+
+def test_a_crc_mismatch_is_caught_on_first_load(tiny_dir):
+    entry = read_tf_index(tiny_dir / "model.ckpt")["model/wpe"]
+    flip_byte(tiny_dir / DATA, entry.offset + entry.size // 2)
+    message = load_error(model_dir=tiny_dir)
+    assert "'model/wpe' fails its CRC32C check" in message and DATA in message and "download" in message
+    assert not (tiny_dir / utils.VERIFIED_MARKER).exists()
+
+
+@pytest.mark.parametrize("how", ["edited in place", "replaced by another file"])
+def test_a_data_file_changed_after_verification_is_verified_again(how, tiny_dir):
+    load_encoder_hparams_and_params(model_dir=tiny_dir)
+    assert (tiny_dir / utils.VERIFIED_MARKER).exists()
+    entry = read_tf_index(tiny_dir / "model.ckpt")["model/h1/mlp/c_fc/w"]
+    data = tiny_dir / DATA
+    if how == "edited in place":
+        flip_byte(data, entry.offset + 7)
+    else:
+        shutil.copyfile(data, tiny_dir / "download")
+        flip_byte(tiny_dir / "download", entry.offset + 7)
+        os.replace(tiny_dir / "download", data)
+    assert "'model/h1/mlp/c_fc/w' fails its CRC32C check" in load_error(model_dir=tiny_dir)
+
+
+def test_flipped_bytes_in_the_index_are_a_clear_error(tiny_dir):
+    index = tiny_dir / "model.ckpt.index"
+    flip_byte(index, index.stat().st_size // 3)
+    message = load_error(model_dir=tiny_dir)
+    assert "model.ckpt.index" in message and "damaged" in message
+
+
+def test_the_crc_pass_runs_once_until_the_data_changes(tiny_dir, checkpoint_loads):
+    marker = tiny_dir / utils.VERIFIED_MARKER
+    assert not marker.exists()
+    load_encoder_hparams_and_params(model_dir=tiny_dir)
+    assert crc_passes(checkpoint_loads) == [True] and marker.exists()
+    load_encoder_hparams_and_params(model_dir=tiny_dir)
+    assert crc_passes(checkpoint_loads) == [True, False]
+    # Same bytes, but a new file (as after a re-download): verified again, then trusted again.
+    shutil.copyfile(tiny_dir / DATA, tiny_dir / "download")
+    os.replace(tiny_dir / "download", tiny_dir / DATA)
+    load_encoder_hparams_and_params(model_dir=tiny_dir)
+    load_encoder_hparams_and_params(model_dir=tiny_dir)
+    assert crc_passes(checkpoint_loads) == [True, False, True, False]
+
+
+def test_a_garbled_marker_means_verify_again(tiny_dir, checkpoint_loads):
+    (tiny_dir / utils.VERIFIED_MARKER).write_text("not json")
+    load_encoder_hparams_and_params(model_dir=tiny_dir)
+    assert crc_passes(checkpoint_loads) == [True]
+
+
+def test_a_marker_that_cannot_be_written_does_not_stop_loading(fixture_model, tiny_dir):
+    # A folder entry in the way makes writing the marker fail, as in a read-only model folder.
+    (tiny_dir / f"{utils.VERIFIED_MARKER}.{os.getpid()}").mkdir()
+    _, _, params = load_encoder_hparams_and_params(model_dir=tiny_dir)
+    assert_same_params(params, fixture_model("tiny")[2])
+    assert not (tiny_dir / utils.VERIFIED_MARKER).exists()
+
+
+def test_check_tensors_refuses_other_dtypes(fixture_model):
+    _, hparams, params = fixture_model("tiny")
+    tensors = dict(tf_variables(params), **{"model/wpe": params["wpe"].astype(np.float64)})
+    with pytest.raises(GPT2Error, match="tensor model/wpe is float64, not float32"):
+        utils.check_tensors(tensors, utils.expected_shapes(hparams, (1,)), "model.ckpt.index", Path("hparams.json"))
+
+
+def test_an_unknown_model_size_lists_the_valid_ones(tmp_path):
+    message = load_error(model_size="7B", models_dir=tmp_path)
+    assert "'7B'" in message and all(size in message for size in utils.MODEL_SIZES)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_with_neither_layout_says_what_it_expected(tmp_path):
+    (tmp_path / "notes.txt").write_text("no model here")
+    message = load_error(model_dir=tmp_path)
+    assert all(name in message for name in ("hparams.json", DATA, "config.json", "model.safetensors", "merges.txt"))
+
+
+def test_a_missing_model_dir_is_a_clear_error(tmp_path):
+    assert "does not exist" in load_error(model_dir=tmp_path / "nowhere")
