@@ -393,7 +393,8 @@ def run_cli(main):
     """Run main as a command line (python-fire): a GPT2Error ends it with its one line on stderr and status 1,
     Ctrl-C quietly with the status shells give an interrupted program (130)."""
     try:
-        fire.Fire(main)
+        # fire reads a lone "-" as its command separator; name another one, so that "-" can mean standard input
+        fire.Fire(main, command=sys.argv[1:] + ["--", "--separator=\x1f"])
     except GPT2Error as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:

@@ -23,7 +23,7 @@ SHARED_124M_HEAD = ROOT.parent / "shared" / "fixtures" / "openai-124M-head"
 # Three shapes that differ in every dimension the model has; "h12" has GPT-2's own 12 heads.
 SHAPES = {
     "tiny": dict(n_vocab=50257, n_ctx=32, n_embd=64, n_head=4, n_layer=2),
-    "h12": dict(n_vocab=50257, n_ctx=64, n_embd=96, n_head=12, n_layer=3),
+    "h12": dict(n_vocab=50257, n_ctx=128, n_embd=96, n_head=12, n_layer=3),
     "wide": dict(n_vocab=50257, n_ctx=16, n_embd=128, n_head=2, n_layer=1),
 }
 
@@ -109,6 +109,15 @@ def write_openai_checkpoint(model_dir, hparams, params):
     return model_dir
 
 
+def flip_byte(path, offset):
+    """Corrupt one byte of a file in place, the way a bad disk or download would."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0xFF]))
+
+
 @pytest.fixture(scope="session")
 def vocab_dir():
     """A folder with OpenAI's original encoder.json and vocab.bpe."""
@@ -140,6 +149,9 @@ def models_dir(tmp_path_factory, fixture_model):
     return models
 
 
+HF_SUFFIXES = {"g": "weight", "w": "weight", "b": "bias"}  # LayerNorm gain and conv weight are both "weight"
+
+
 def hf_gpt2(hparams, params):
     """Hugging Face transformers' GPT2LMHeadModel (PyTorch, CPU, float32) holding the same weights."""
     import torch
@@ -169,7 +181,7 @@ def hf_gpt2(hparams, params):
             ("mlp.c_proj", block["mlp"]["c_proj"]),
         ):
             for key, value in tensors.items():
-                state[f"transformer.h.{i}.{name}.{ {'g': 'weight', 'w': 'weight', 'b': 'bias'}[key] }"] = value
+                state[f"transformer.h.{i}.{name}.{HF_SUFFIXES[key]}"] = value
     state["transformer.ln_f.weight"] = params["ln_f"]["g"]
     state["transformer.ln_f.bias"] = params["ln_f"]["b"]
     missing, unexpected = model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=False)
@@ -189,6 +201,22 @@ def hf_model(fixture_model):
         if name not in cache:
             _, hparams, params = fixture_model(name)
             cache[name] = hf_gpt2(hparams, params)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def loaded_model(fixture_model):
+    """loaded_model(name) -> (encoder, hparams, params) as this project's loader reads fixture_model(name)."""
+    from utils import load_encoder_hparams_and_params
+
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            model_dir, _, _ = fixture_model(name)
+            cache[name] = load_encoder_hparams_and_params(model_dir=str(model_dir))
         return cache[name]
 
     return get

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import checkpoint
 from checkpoint import GPT2Error, load_safetensors, load_tf_checkpoint, read_tf_index
-from conftest import ROOT, SHARED_124M_HEAD, tf_variables
+from conftest import ROOT, SHARED_124M_HEAD, flip_byte, tf_variables
 
 FIXTURES = ["tiny", "h12", "wide"]
 DATA = ".data-00000-of-00001"
@@ -52,14 +52,6 @@ def copy_checkpoint(fixture_model, tmp_path, name="tiny"):
     for suffix in (".index", DATA):
         shutil.copyfile(model_dir / f"model.ckpt{suffix}", tmp_path / f"model.ckpt{suffix}")
     return str(tmp_path / "model.ckpt"), params
-
-
-def flip_byte(path, offset):
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)[0]
-        f.seek(offset)
-        f.write(bytes([byte ^ 0xFF]))
 
 
 # ---------------------------------------------------------------------------------------------------

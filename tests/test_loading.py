@@ -13,7 +13,7 @@ from safetensors.numpy import save_file
 
 import utils
 from checkpoint import read_tf_index
-from conftest import ROOT, SHAPES, tf_variables
+from conftest import ROOT, SHAPES, flip_byte, tf_variables
 from utils import GPT2Error, load_encoder_hparams_and_params
 
 DATA = "model.ckpt.data-00000-of-00001"
@@ -43,14 +43,6 @@ def hf_state(model):
 def add_tokenizer(model_dir, vocab_dir):
     shutil.copyfile(vocab_dir / "encoder.json", model_dir / "vocab.json")
     shutil.copyfile(vocab_dir / "vocab.bpe", model_dir / "merges.txt")
-
-
-def flip_byte(path, offset):
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)[0]
-        f.seek(offset)
-        f.write(bytes([byte ^ 0xFF]))
 
 
 @pytest.fixture

@@ -1,0 +1,76 @@
+"""GPT-2 in 60 lines of NumPy: the file to read to learn how a GPT works. gpt2.py is the fast version."""
+import math
+
+import numpy as np
+
+from utils import GPT2Error, load_encoder_hparams_and_params, run_cli
+
+
+def gelu(x):  # [...] -> [...]
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def softmax(x):  # [..., n] -> [..., n]
+    exp_x = np.exp(x - np.max(x, axis=-1, keepdims=True))  # minus the max: same result, no overflow
+    return exp_x / np.sum(exp_x, axis=-1, keepdims=True)
+
+
+def layer_norm(x, g, b, eps=1e-5):  # [n_seq, n_embd] -> [n_seq, n_embd]
+    mean = np.mean(x, axis=-1, keepdims=True)
+    variance = np.var(x, axis=-1, keepdims=True)
+    return g * (x - mean) / np.sqrt(variance + eps) + b
+
+
+def linear(x, w, b):  # [m, in], [in, out], [out] -> [m, out]
+    return x @ w + b
+
+
+def ffn(x, c_fc, c_proj):  # [n_seq, n_embd] -> [n_seq, n_embd]
+    return linear(gelu(linear(x, **c_fc)), **c_proj)  # up to 4*n_embd and back
+
+
+def attention(q, k, v, mask):  # [n_q, d], [n_k, d], [n_k, d], [n_q, n_k] -> [n_q, d]
+    return softmax(q @ k.T / math.sqrt(q.shape[-1]) + mask) @ v
+
+
+def mha(x, c_attn, c_proj, n_head):  # [n_seq, n_embd] -> [n_seq, n_embd]
+    x = linear(x, **c_attn)  # [n_seq, 3*n_embd]: queries, keys and values side by side
+    qkv_heads = [np.split(part, n_head, axis=-1) for part in np.split(x, 3, axis=-1)]
+    causal_mask = (1 - np.tri(x.shape[0], dtype=x.dtype)) * -1e10  # a token must not see the ones after it
+    out_heads = [attention(q, k, v, causal_mask) for q, k, v in zip(*qkv_heads)]
+    return linear(np.hstack(out_heads), **c_proj)
+
+
+def transformer_block(x, mlp, attn, ln_1, ln_2, n_head):  # [n_seq, n_embd] -> [n_seq, n_embd]
+    x = x + mha(layer_norm(x, **ln_1), **attn, n_head=n_head)
+    return x + ffn(layer_norm(x, **ln_2), **mlp)
+
+
+def gpt2(inputs, wte, wpe, blocks, ln_f, n_head):  # [n_seq] -> [n_seq, n_vocab]
+    x = wte[inputs] + wpe[range(len(inputs))]  # what each token is, plus where it is
+    for block in blocks:
+        x = transformer_block(x, **block, n_head=n_head)
+    return layer_norm(x, **ln_f) @ wte.T  # scores for every token of the vocabulary
+
+
+def generate(inputs, params, n_head, n_tokens_to_generate):  # [n_seq] -> [<= n_tokens_to_generate]
+    outputs = []
+    for _ in range(n_tokens_to_generate):
+        next_id = int(np.argmax(gpt2(inputs + outputs, **params, n_head=n_head)[-1]))  # greedy
+        if next_id == 50256:  # <|endoftext|>: the model ends the text
+            break
+        outputs.append(next_id)
+    return outputs
+
+
+def main(prompt="", n_tokens_to_generate=40, model_size="124M", models_dir="models"):
+    encoder, hparams, params = load_encoder_hparams_and_params(model_size, models_dir)
+    input_ids = encoder.encode(str(prompt)) or [50256]  # no prompt: start a fresh text
+    n_free = hparams["n_ctx"] - len(input_ids)  # the prompt and the new tokens share the context
+    if not isinstance(n_tokens_to_generate, int) or not 0 <= n_tokens_to_generate <= n_free:
+        raise GPT2Error(f"n_tokens_to_generate must be a whole number from 0 to {n_free}, got {n_tokens_to_generate!r}")
+    print(encoder.decode(generate(input_ids, params, hparams["n_head"], n_tokens_to_generate)))
+
+
+if __name__ == "__main__":
+    run_cli(main)

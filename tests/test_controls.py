@@ -1,0 +1,160 @@
+"""Sampling, streaming, stop strings and scoring: the controls beyond greedy decoding."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import gpt2
+from utils import GPT2Error
+
+PROMPT = [464, 3290, 286, 1204, 318]
+
+
+@pytest.fixture
+def tiny(loaded_model):
+    encoder, hparams, params = loaded_model("tiny")
+    return encoder, params, hparams["n_head"]
+
+
+def test_top_k_of_one_and_vanishing_temperature_give_the_greedy_ids(tiny):
+    _, params, n_head = tiny
+    greedy = gpt2.generate(PROMPT, params, n_head, 20)
+    assert gpt2.generate(PROMPT, params, n_head, 20, temperature=1.0, top_k=1, seed=5) == greedy
+    assert gpt2.generate(PROMPT, params, n_head, 20, temperature=1e-6, seed=5) == greedy
+
+
+def test_the_same_seed_gives_the_same_ids(tiny):
+    _, params, n_head = tiny
+    runs = [gpt2.generate(PROMPT, params, n_head, 20, temperature=1.0, top_p=0.9, seed=seed) for seed in (7, 7, 8)]
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]  # the seed, not something else, decides the draw
+
+
+def test_sampling_draws_from_the_softmax(tiny):
+    # with temperature 1 and no filter, each choice is a draw from softmax(logits): the empirical
+    # frequency of the most likely token must match its probability
+    _, params, n_head = tiny
+    logits = gpt2.gpt2(PROMPT, **params, n_head=n_head)[-1]
+    probs = gpt2.softmax(logits.astype(np.float64))
+    rng = np.random.default_rng(0)
+    draws = np.array([gpt2.choose(logits, 1.0, None, 1.0, rng) for _ in range(4000)])
+    top = int(np.argmax(probs))
+    assert abs(np.mean(draws == top) - probs[top]) < 4 * np.sqrt(probs[top] * (1 - probs[top]) / 4000)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.floats(0.0, 1.0), min_size=1, max_size=40).filter(lambda w: sum(w) > 0),
+    st.floats(1e-6, 1.0),
+)
+def test_top_p_keeps_the_smallest_set_of_tokens_that_reaches_p(weights, top_p):
+    probs = np.array(weights) / np.sum(weights)
+    kept = gpt2.filter_probs(probs, top_p=top_p) > 0
+    # the kept tokens are the most likely ones, their mass reaches p, and without the least likely of
+    # them it would not (sums compared with a float tolerance: they are computed in another order)
+    assert probs[kept].min() >= probs[~kept].max(initial=0.0)
+    assert probs[kept].sum() >= top_p - 1e-12
+    assert probs[kept].sum() - probs[kept].min() < top_p + 1e-12
+    np.testing.assert_allclose(gpt2.filter_probs(probs, top_p=top_p)[kept], probs[kept] / probs[kept].sum())
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.floats(0.0, 1.0), min_size=1, max_size=40).filter(lambda w: sum(w) > 0), st.integers(1, 40))
+def test_top_k_keeps_the_k_most_likely_tokens(weights, top_k):
+    probs = np.array(weights) / np.sum(weights)
+    kept = gpt2.filter_probs(probs, top_k=top_k) > 0
+    assert kept.sum() == min(top_k, np.count_nonzero(probs))
+    assert probs[kept].min() >= probs[~kept].max(initial=0.0)
+
+
+@pytest.mark.parametrize(
+    "options, flag",
+    [
+        (dict(temperature=-0.5), "--temperature"),
+        (dict(temperature=1.0, top_k=0), "--top_k"),
+        (dict(temperature=1.0, top_k=50258), "--top_k"),
+        (dict(temperature=1.0, top_p=0.0), "--top_p"),
+        (dict(temperature=1.0, top_p=1.5), "--top_p"),
+    ],
+)
+def test_invalid_sampling_values_are_a_clear_error(tiny, options, flag):
+    _, params, n_head = tiny
+    with pytest.raises(GPT2Error, match=flag):
+        gpt2.generate(PROMPT, params, n_head, 3, **options)
+
+
+TEXTS = ["日本語のテキスト、中文文本", "emoji 🎉👩‍👩‍👧🇯🇵 and café", "plain ascii, nothing held back"]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_streamed_pieces_equal_the_decoded_text_and_never_split_a_character(tiny, text):
+    encoder = tiny[0]
+    ids = encoder.encode(text)
+    pieces = list(gpt2.stream_text(iter(ids), encoder))
+    assert "".join(pieces) == encoder.decode(ids) == text
+    assert all("\ufffd" not in piece for piece in pieces)
+    assert len([p for p in pieces if p]) > 1  # it really streams
+
+
+def test_stream_stops_before_a_stop_string_even_across_tokens(tiny):
+    encoder = tiny[0]
+    ids = encoder.encode("The answer is forty-two. The end")
+    assert "".join(gpt2.stream_text(iter(ids), encoder, stop=("forty-two",))) == "The answer is "
+    assert "".join(gpt2.stream_text(iter(ids), encoder, stop=(". The", "nowhere"))) == "The answer is forty-two"
+    assert "".join(gpt2.stream_text(iter(ids), encoder, stop=("nowhere",))) == "The answer is forty-two. The end"
+
+
+def test_stream_stops_generating_at_the_stop_string(tiny):
+    encoder = tiny[0]
+    ids = encoder.encode("one two three four")
+    consumed = []
+
+    def source():
+        for i in ids:
+            consumed.append(i)
+            yield i
+
+    assert "".join(gpt2.stream_text(source(), encoder, stop=(" two",))) == "one"
+    assert len(consumed) == 2
+
+
+def hugging_face_perplexity_guide_nll(model, ids, n_ctx):
+    """Mean NLL over Hugging Face's per-window losses, with the windows of its perplexity guide.
+
+    The guide counts each window's loss tokens as `valid - batch_size`, one too few in every window after
+    the first (whose first target has context); the count here is of the labels the model really uses.
+    """
+    stride, nll_sum, n_tokens, prev_end = n_ctx // 2, 0.0, 0, 0
+    input_ids = torch.tensor([ids])
+    for begin in range(0, len(ids), stride):
+        end = min(begin + n_ctx, len(ids))
+        trg_len = end - prev_end
+        window = input_ids[:, begin:end]
+        targets = window.clone()
+        targets[:, :-trg_len] = -100
+        with torch.no_grad():
+            loss = model(window, labels=targets).loss
+        n_loss_tokens = int((targets[:, 1:] != -100).sum())  # the model shifts labels by one inside
+        nll_sum += float(loss) * n_loss_tokens
+        n_tokens += n_loss_tokens
+        prev_end = end
+        if end == len(ids):
+            break
+    return nll_sum / n_tokens, n_tokens
+
+
+@pytest.mark.parametrize("n_tokens", [20, 100])  # shorter than tiny's n_ctx of 32, and three contexts long
+def test_scores_equal_hugging_face_loss(loaded_model, hf_model, n_tokens):
+    _, hparams, params = loaded_model("tiny")
+    ids = [int(i) for i in np.random.default_rng(n_tokens).integers(0, 50256, n_tokens)]
+    logprobs = gpt2.score(ids, params, hparams["n_head"])
+    expected_nll, expected_count = hugging_face_perplexity_guide_nll(hf_model("tiny"), ids, hparams["n_ctx"])
+    assert len(logprobs) == expected_count == n_tokens - 1
+    assert abs(-np.mean(logprobs) - expected_nll) <= 1e-4 * expected_nll
+
+
+def test_scoring_a_single_token_is_a_clear_error(tiny):
+    _, params, n_head = tiny
+    with pytest.raises(GPT2Error, match="at least 2 tokens"):
+        gpt2.score([464], params, n_head)
