@@ -138,18 +138,18 @@ def is_int(value):
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def check_prompt(inputs, n_tokens_to_generate, n_ctx):
+def check_count(n_tokens_to_generate):
     if not is_int(n_tokens_to_generate) or n_tokens_to_generate < 0:
         raise GPT2Error(f"--n_tokens_to_generate must be a whole number >= 0, got {n_tokens_to_generate!r}")
-    if len(inputs) > n_ctx:
-        raise GPT2Error(f"the prompt is {len(inputs)} tokens but this model's context holds {n_ctx}: shorten the prompt")
 
 
 def generate_stream(inputs, params, n_head, n_tokens_to_generate, temperature=0.0, top_k=None, top_p=1.0,
                     seed=None, stop_at_endoftext=True):  # [n_seq] -> iterator of new token ids
     n_ctx, n_vocab = params["wpe"].shape[0], params["wte"].shape[0]
     inputs = list(inputs) or [EOT]  # an empty prompt starts a fresh document
-    check_prompt(inputs, n_tokens_to_generate, n_ctx)
+    check_count(n_tokens_to_generate)
+    if len(inputs) > n_ctx:
+        raise GPT2Error(f"the prompt is {len(inputs)} tokens but this model's context holds {n_ctx}: shorten the prompt")
     check_sampling(temperature, top_k, top_p, n_vocab)
     rng = np.random.default_rng(seed)
     kv_cache = new_kv_cache(params, n_head, 1, min(n_ctx, len(inputs) + n_tokens_to_generate))
@@ -178,8 +178,13 @@ def generate_batch(prompts, params, n_head, n_tokens_to_generate, temperature=0.
                    seed=None, stop_at_endoftext=True):  # n_batch x [n_seq_b] -> n_batch x [<= n_tokens_to_generate]
     n_ctx, n_vocab = params["wpe"].shape[0], params["wte"].shape[0]
     prompts = [list(p) or [EOT] for p in prompts]
+    if not prompts:
+        raise GPT2Error("no prompts to generate for: give at least one")
     longest = max(len(p) for p in prompts)
-    check_prompt([0] * (longest + n_tokens_to_generate - 1), n_tokens_to_generate, n_ctx)
+    check_count(n_tokens_to_generate)
+    if longest + n_tokens_to_generate > n_ctx:  # rows share one window, which cannot slide
+        raise GPT2Error(f"in a batch the longest prompt ({longest} tokens) plus n_tokens_to_generate "
+                        f"({n_tokens_to_generate}) must fit in the context of {n_ctx}")
     check_sampling(temperature, top_k, top_p, n_vocab)
     rng = np.random.default_rng(seed)
     pads = np.array([longest - len(p) for p in prompts])

@@ -180,3 +180,15 @@ def test_ctrl_c_keeps_what_was_printed_and_exits_130(models_dir):
     assert process.returncode == 130
     assert b"Traceback" not in stderr
     assert len(first + rest) > 0
+
+
+def test_batch_that_overflows_the_context_is_a_clear_error(models_dir, tmp_path):
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("Hello\n" + " ".join(["word"] * 20) + "\n", encoding="utf-8")
+    result = run("gpt2.py", "--prompts_file", prompts_file, "--n_tokens_to_generate", 13, "--models_dir", models_dir)
+    assert_clean_error(result, "20 tokens", "32")
+
+
+def test_empty_prompts_file_is_a_clear_error(models_dir, tmp_path):
+    (tmp_path / "empty.txt").write_text("", encoding="utf-8")
+    assert_clean_error(run("gpt2.py", "--prompts_file", tmp_path / "empty.txt", "--models_dir", models_dir), "no prompts")
