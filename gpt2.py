@@ -16,12 +16,25 @@ EOT = 50256  # <|endoftext|>: GPT-2 was trained with it between documents, so it
 
 
 def gelu(x):  # [...] -> [...]
-    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+    # 0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x**3))), computed in one buffer: on a long prompt
+    # every temporary array costs as much as the arithmetic (and x**3 is several times slower than x * x * x)
+    y = x * x
+    y *= x
+    y *= 0.044715
+    y += x
+    y *= math.sqrt(2 / math.pi)
+    np.tanh(y, out=y)
+    y += 1
+    y *= x
+    y *= 0.5
+    return y
 
 
 def softmax(x):  # [..., n] -> [..., n]
-    exp_x = np.exp(x - np.max(x, axis=-1, keepdims=True))
-    return exp_x / np.sum(exp_x, axis=-1, keepdims=True)
+    exp_x = x - np.max(x, axis=-1, keepdims=True)
+    np.exp(exp_x, out=exp_x)  # in place: attention's scores are the largest arrays on a long prompt
+    exp_x /= np.sum(exp_x, axis=-1, keepdims=True)
+    return exp_x
 
 
 def layer_norm(x, g, b, eps: float = 1e-5):  # [..., n_embd] -> [..., n_embd]
@@ -31,7 +44,8 @@ def layer_norm(x, g, b, eps: float = 1e-5):  # [..., n_embd] -> [..., n_embd]
 
 
 def linear(x, w, b):  # [..., m], [m, n], [n] -> [..., n]
-    return x @ w + b
+    # as one 2-D product: numpy runs [n_batch, n_seq, m] @ w as n_batch products, each reading all of w
+    return (x.reshape(-1, x.shape[-1]) @ w + b).reshape(*x.shape[:-1], w.shape[-1])
 
 
 def ffn(x, c_fc, c_proj):  # [..., n_seq, n_embd] -> [..., n_seq, n_embd]
@@ -39,7 +53,21 @@ def ffn(x, c_fc, c_proj):  # [..., n_seq, n_embd] -> [..., n_seq, n_embd]
 
 
 def attention(q, k, v, mask):  # [..., n_q, d], [..., n_k, d], [..., n_k, d], [..., n_q, n_k] -> [..., n_q, d]
-    return softmax(q @ k.swapaxes(-1, -2) / math.sqrt(q.shape[-1]) + mask) @ v
+    scores = (q / math.sqrt(q.shape[-1])) @ k.swapaxes(-1, -2)  # scaling q, not the larger [n_q, n_k] scores
+    scores += mask
+    return softmax(scores) @ v
+
+
+def causal_attention(q, k, v, mask, chunk=128):  # attention() where the mask hides every later position
+    # A long prompt's queries go in chunks, each against only the keys up to its last query: the keys after
+    # it would get weight exp(-1e10) = 0 anyway. That skips about half the work, on smaller arrays.
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    chunks = []
+    for i in range(0, n_q, chunk):
+        end = n_k - n_q + min(i + chunk, n_q)  # one past the last key this chunk's last query sees
+        queries = slice(i, i + chunk)
+        chunks.append(attention(q[..., queries, :], k[..., :end, :], v[..., :end, :], mask[..., queries, :end]))
+    return np.concatenate(chunks, axis=-2)
 
 
 def mha(x, c_attn, c_proj, n_head, mask, kv=None, start=0):  # [..., n_seq, n_embd] -> [..., n_seq, n_embd]
@@ -53,7 +81,7 @@ def mha(x, c_attn, c_proj, n_head, mask, kv=None, start=0):  # [..., n_seq, n_em
         kv[0, ..., start:end, :] = k
         kv[1, ..., start:end, :] = v
         k, v = kv[0, ..., :end, :], kv[1, ..., :end, :]
-    heads = attention(q, k, v, mask)  # [..., n_head, n_seq, d]
+    heads = causal_attention(q, k, v, mask)  # [..., n_head, n_seq, d]
     merged = heads.swapaxes(-2, -3).reshape(*x.shape)  # [..., n_seq, n_embd]
     return linear(merged, **c_proj)
 

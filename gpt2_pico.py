@@ -7,7 +7,7 @@ from utils import GPT2Error, load_encoder_hparams_and_params, run_cli
 
 
 def gelu(x):  # [...] -> [...]
-    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x)))
 
 
 def softmax(x):  # [..., n] -> [..., n]
