@@ -4,6 +4,7 @@ Every checkpoint here is made by TensorFlow's own Saver from random weights, so 
 reads the same bytes it would read from OpenAI's bucket; the references (TensorFlow, Hugging Face
 transformers, tiktoken) are code nobody on this project wrote.
 """
+import functools
 import json
 import os
 import shutil
@@ -127,15 +128,13 @@ def vocab_dir():
 @pytest.fixture(scope="session")
 def fixture_model(tmp_path_factory):
     """fixture_model(name) -> (model_dir, hparams, params): a checkpoint of SHAPES[name], written once."""
-    cache = {}
     root = tmp_path_factory.mktemp("fixture-models")
 
+    @functools.cache
     def get(name):
-        if name not in cache:
-            hparams = SHAPES[name]
-            params = make_params(hparams, seed=len(cache))
-            cache[name] = (write_openai_checkpoint(root / name, hparams, params), hparams, params)
-        return cache[name]
+        hparams = SHAPES[name]
+        params = make_params(hparams, seed=list(SHAPES).index(name))
+        return write_openai_checkpoint(root / name, hparams, params), hparams, params
 
     return get
 
@@ -195,13 +194,10 @@ def hf_gpt2(hparams, params):
 @pytest.fixture(scope="session")
 def hf_model(fixture_model):
     """hf_model(name) -> the reference GPT2LMHeadModel for fixture_model(name), built once."""
-    cache = {}
-
+    @functools.cache
     def get(name):
-        if name not in cache:
-            _, hparams, params = fixture_model(name)
-            cache[name] = hf_gpt2(hparams, params)
-        return cache[name]
+        _, hparams, params = fixture_model(name)
+        return hf_gpt2(hparams, params)
 
     return get
 
@@ -211,12 +207,9 @@ def loaded_model(fixture_model):
     """loaded_model(name) -> (encoder, hparams, params) as this project's loader reads fixture_model(name)."""
     from utils import load_encoder_hparams_and_params
 
-    cache = {}
-
+    @functools.cache
     def get(name):
-        if name not in cache:
-            model_dir, _, _ = fixture_model(name)
-            cache[name] = load_encoder_hparams_and_params(model_dir=str(model_dir))
-        return cache[name]
+        model_dir, _, _ = fixture_model(name)
+        return load_encoder_hparams_and_params(model_dir=str(model_dir))
 
     return get
