@@ -1,0 +1,359 @@
+"""Benchmark this project's NumPy GPT-2 against Hugging Face transformers and llama.cpp, on the same weights.
+
+Each engine runs in a process of its own, so its peak memory and thread count are its own; the numbers come
+back as JSON and one markdown table, ready for the README, goes to stdout. Progress notes go to stderr.
+"""
+import datetime
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+EOT = 50256
+SIZES = {  # GPT-2's real shapes: speed depends on them, not on the weights' values
+    "124M": dict(n_layer=12, n_embd=768, n_head=12),
+    "355M": dict(n_layer=24, n_embd=1024, n_head=16),
+    "774M": dict(n_layer=36, n_embd=1280, n_head=20),
+    "1558M": dict(n_layer=48, n_embd=1600, n_head=25),
+}
+PROMPT_LEN, LONG_PROMPT_LEN, N_UNCACHED = 10, 512, 16
+BATCH_LENGTHS = (5, 6, 7, 8, 9, 10, 6, 8)  # different lengths, so padding and masks are exercised
+
+
+def note(message):
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def median_time(fn, runs=3, warmup=None):
+    """(median seconds of fn() over runs calls, fn's last result), after one untimed call of warmup (default fn)."""
+    (warmup or fn)()  # first calls pay for paging weights in and growing allocators: not what is measured
+    times = []
+    for _ in range(runs):
+        result = None  # free the last result first: two loaded models at once would inflate peak memory
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def measure(spec, load, decode, uncached, predict, batch=None):
+    """The rows every engine has. load() -> (model, weight bytes); decode, uncached and batch generate greedily
+    -> new ids; predict -> the argmax of the logits at every position of a prompt, to check the engines agree."""
+    n_new, results = spec["n_new"], {}
+    note("load")
+    load_s, (model, weight_bytes) = median_time(load, 5)
+    note("decode")
+    decode_s, results["decode_ids"] = median_time(lambda: decode(model, spec["prompt"], n_new),
+                                                  warmup=lambda: decode(model, spec["prompt"], 4))
+    note("time to first token")
+    ttft_s, _ = median_time(lambda: decode(model, spec["long_prompt"], 1))
+    note("uncached")
+    uncached_s, results["uncached_ids"] = median_time(lambda: uncached(model, spec["prompt"], N_UNCACHED),
+                                                      warmup=lambda: uncached(model, spec["prompt"], 2))
+    if batch:
+        note("batch")
+        batch_s, results["batch_ids"] = median_time(lambda: batch(model, spec["batch"], n_new),
+                                                    warmup=lambda: batch(model, spec["batch"], 4))
+        results["batch_tps"] = len(spec["batch"]) * n_new / batch_s
+        assert all(len(ids) == n_new for ids in results["batch_ids"]), "an engine stopped early"
+    assert len(results["decode_ids"]) == n_new, "an engine stopped early"
+    rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux counts KiB
+    # Random weights soon repeat one token, so generated ids alone are a weak check: 512 choices are not
+    results["predicted"] = predict(model, spec["long_prompt"])
+    return model, dict(results, load_ms=1000 * load_s, decode_tps=n_new / decode_s, ttft_ms=1000 * ttft_s,
+                       uncached_tps=N_UNCACHED / uncached_s, weight_mib=weight_bytes / 2**20, rss_mib=rss_mib)
+
+
+def arrays(tree):  # every array in the nested params dict; wte, tied to the output, counts once
+    if isinstance(tree, np.ndarray):
+        return [tree]
+    return [a for branch in (tree.values() if isinstance(tree, dict) else tree) for a in arrays(branch)]
+
+
+def run_ours(spec):
+    from gpt2 import generate, generate_batch, gpt2
+    from utils import load_encoder_hparams_and_params
+
+    def load():  # the warm-up load verifies the checkpoint's CRCs if no earlier load did
+        _, hparams, params = load_encoder_hparams_and_params(model_dir=spec["model_dir"])
+        return (params, hparams["n_head"]), sum(a.nbytes for a in arrays(params))
+
+    def uncached(model, prompt, n):  # the whole sequence through gpt2() for every new token
+        (params, n_head), ids = model, list(prompt)
+        for _ in range(n):
+            ids.append(int(np.argmax(gpt2(ids, **params, n_head=n_head)[-1])))
+        return ids[len(prompt):]
+
+    (params, _), results = measure(spec, load, lambda m, prompt, n: generate(prompt, *m, n, stop_at_endoftext=False),
+                                   uncached, lambda m, ids: gpt2(ids, **m[0], n_head=m[1]).argmax(-1).tolist(),
+                                   lambda m, prompts, n: generate_batch(prompts, *m, n, stop_at_endoftext=False))
+    note("matvec bound")
+    # every matrix one decode step multiplies a single row by, the tied vocabulary projection last
+    matrices = [layer["w"] for block in params["blocks"] for layer in
+                (block["attn"]["c_attn"], block["attn"]["c_proj"], block["mlp"]["c_fc"], block["mlp"]["c_proj"])]
+    matrices.append(params["wte"].T)
+    rows = {n: np.ones((1, n), np.float32) for n in {w.shape[0] for w in matrices}}
+    matvec_s, _ = median_time(lambda: [rows[w.shape[0]] @ w for w in matrices], 30)
+    return dict(results, matvec_tps=1 / matvec_s)
+
+
+def run_hf(spec):
+    import torch
+    import transformers
+    from transformers import GPT2LMHeadModel
+
+    torch.set_num_threads(spec["threads"])
+    transformers.logging.disable_progress_bar()
+
+    def load():
+        model = GPT2LMHeadModel.from_pretrained(spec["hf_dir"]).eval()
+        # No end-of-text token: like ours with stop_at_endoftext=False, every run makes exactly n tokens,
+        # and <|endoftext|> stays an ordinary choice (min_new_tokens alone would forbid it instead)
+        model.generation_config.eos_token_id = None
+        return model, sum(p.numel() * p.element_size() for p in model.parameters())
+
+    def generate(model, prompts, n, **options):  # left-padded, as generate() expects for a decoder-only model
+        longest = max(len(p) for p in prompts)
+        ids = torch.tensor([[EOT] * (longest - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                                 pad_token_id=EOT, **options)
+        return out[:, longest:].tolist()
+
+    def predict(model, ids):
+        with torch.inference_mode():
+            return model(torch.tensor([ids])).logits[0].argmax(-1).tolist()
+
+    model, results = measure(spec, load, lambda m, prompt, n: generate(m, [prompt], n)[0],
+                             lambda m, prompt, n: generate(m, [prompt], n, use_cache=False)[0], predict, generate)
+    return dict(results, detail=f"PyTorch, {model.config._attn_implementation} attention")
+
+
+def run_llama(spec):
+    import llama_cpp
+
+    def load(logits_all=False):
+        llm = llama_cpp.Llama(spec["gguf_path"], n_ctx=1024, n_batch=512, n_threads=spec["threads"],
+                              n_threads_batch=spec["threads"], verbose=False, logits_all=logits_all,
+                              type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)  # default: f16
+        return llm, llama_cpp.llama_model_size(llm.model)
+
+    def predict(_, ids):  # only a model made with logits_all keeps the logits of every position
+        llm = load(logits_all=True)[0]
+        llm.eval(ids)
+        return llm.scores[: len(ids)].argmax(-1).tolist()
+
+    def greedy(llm, prompt, n, cached=True):  # token ids straight in, argmax of the raw logits out
+        ids = list(prompt)
+        llm.reset()
+        for _ in range(n):
+            if not cached:
+                llm.reset()
+            llm.eval(ids[llm.n_tokens:])
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+            ids.append(int(np.argmax(logits)))
+        return ids[len(prompt):]
+
+    _, results = measure(spec, load, greedy, lambda llm, prompt, n: greedy(llm, prompt, n, cached=False), predict)
+    return dict(results, detail=f"llama-cpp-python {importlib.metadata.version('llama_cpp_python')}, F32 GGUF")
+
+
+def write_openai(spec):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import make_params, write_openai_checkpoint
+
+    write_openai_checkpoint(spec["model_dir"], spec["hparams"], make_params(spec["hparams"], seed=0))
+
+
+def write_hf(spec):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import hf_gpt2
+    from utils import load_encoder_hparams_and_params
+
+    # our loader memory-maps the checkpoint, so only hf_gpt2's copy and the model itself take memory
+    _, hparams, params = load_encoder_hparams_and_params(model_dir=spec["model_dir"])
+    hf_gpt2(hparams, params).save_pretrained(spec["hf_dir"])
+
+
+def write_gguf(spec):
+    """An F32 GGUF file under llama.cpp's GPT-2 tensor names, as its convert_hf_to_gguf.py would write it."""
+    import gguf
+    from utils import load_encoder_hparams_and_params
+
+    _, hparams, params = load_encoder_hparams_and_params(model_dir=spec["model_dir"])
+    writer = gguf.GGUFWriter(spec["gguf_path"], "gpt2")
+    writer.add_block_count(hparams["n_layer"])
+    writer.add_context_length(hparams["n_ctx"])
+    writer.add_embedding_length(hparams["n_embd"])
+    writer.add_feed_forward_length(4 * hparams["n_embd"])
+    writer.add_head_count(hparams["n_head"])
+    writer.add_layer_norm_eps(1e-5)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    # llama.cpp will not load a model without its vocabulary, though the benchmark feeds it token ids
+    vocab_file, merges_file = [Path(spec["model_dir"]) / name for name in ("encoder.json", "vocab.bpe")]
+    vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(sorted(vocab, key=vocab.get))
+    writer.add_token_types([gguf.TokenType.NORMAL] * len(vocab))
+    writer.add_token_merges([m for m in merges_file.read_text(encoding="utf-8").splitlines()[1:] if m])
+    tensors = {"token_embd.weight": params["wte"], "position_embd.weight": params["wpe"],  # output: tied to wte
+               "output_norm.weight": params["ln_f"]["g"], "output_norm.bias": params["ln_f"]["b"]}
+    for i, block in enumerate(params["blocks"]):
+        layers = {"attn_norm": block["ln_1"], "ffn_norm": block["ln_2"],
+                  "attn_qkv": block["attn"]["c_attn"], "attn_output": block["attn"]["c_proj"],
+                  "ffn_up": block["mlp"]["c_fc"], "ffn_down": block["mlp"]["c_proj"]}
+        for name, layer in layers.items():
+            for key, value in layer.items():
+                # GGML keeps a weight as one row per output, the transpose of GPT-2's [n_in, n_out]
+                tensors[f"blk.{i}.{name}.{'bias' if key == 'b' else 'weight'}"] = value.T if key == "w" else value
+    for name, value in tensors.items():
+        writer.add_tensor(name, np.ascontiguousarray(value))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def child(task, spec):
+    """Run task(spec) in a fresh Python with spec's thread count: spec goes in on stdin, the JSON answer
+    comes back as the last line of stdout (libraries may print before it)."""
+    threads = str(spec["threads"])
+    env = dict(os.environ, OPENBLAS_NUM_THREADS=threads, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
+               TF_CPP_MIN_LOG_LEVEL="3")
+    out = subprocess.run([sys.executable, __file__, "worker", task], input=json.dumps(spec), env=env, check=True,
+                         stdout=subprocess.PIPE, text=True).stdout
+    return json.loads(out.splitlines()[-1])
+
+
+# name in the table, worker, the modules it needs, the file it loads, the task that writes that file
+ENGINES = [("Hugging Face transformers", "hf", ("torch", "transformers"), "hf_dir", "write_hf"),
+           ("llama.cpp", "llama", ("llama_cpp", "gguf"), "gguf_path", "write_gguf")]
+
+
+def machine():
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    ram_kib = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
+                       if line.startswith("MemTotal")))
+    blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+    versions = [f"NumPy {np.__version__} ({blas['name']} {blas['version']})"]
+    versions += [f"{name} {importlib.metadata.version(name)}" for name in ("torch", "transformers", "llama_cpp_python")
+                 if importlib.util.find_spec(name.replace("_python", ""))]
+    return [f"Machine: {cpu}, {os.cpu_count()} cores, {ram_kib / 2**20:.0f} GiB RAM",
+            f"Date: {datetime.date.today()}",
+            f"Versions: Python {platform.python_version()}, {', '.join(versions)}"]
+
+
+def cpu_seconds():
+    """(CPU seconds the whole machine has been busy since boot, CPU seconds this process's children used)."""
+    fields = [int(n) for n in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK"), children.ru_utime + children.ru_stime
+
+
+def table(title, spec, ours, others):
+    """The markdown table: a column per engine, then ours / each other engine."""
+    for r in [ours, *others.values()]:
+        r["rss_per_weight"] = r["rss_mib"] / r["weight_mib"]
+        r["bound_pct"] = 100 * r["decode_tps"] / ours["matvec_tps"]
+    heads = ["ours (NumPy)", *(f"{name} ({r['detail']})" for name, r in others.items())]
+    lines = [f"| {title} | better | {' | '.join(heads)} |" + "".join(f" ours / {name} |" for name in others),
+             "|---" * (2 + len(heads) + len(others)) + "|"]
+    rows = [
+        ("decode_tps", f"decode: {PROMPT_LEN}-token prompt, {spec['n_new']} new tokens, KV cache (tokens/s)",
+         "higher", ".1f"),
+        ("ttft_ms", f"time to first token, {LONG_PROMPT_LEN}-token prompt (ms)", "lower", ".0f"),
+        ("uncached_tps", f"uncached: whole sequence per token, {PROMPT_LEN} + {N_UNCACHED} tokens (tokens/s)",
+         "higher", ".1f"),
+        ("batch_tps", f"batch of {len(BATCH_LENGTHS)} prompts ({min(BATCH_LENGTHS)}–{max(BATCH_LENGTHS)} tokens), "
+                      f"{spec['n_new']} new each, total (tokens/s)", "higher", ".1f"),
+        ("load_ms", "load: verified folder, warm page cache (ms)", "lower", ".0f"),
+        ("rss_mib", "peak RSS of the engine's process (MiB)", "lower", ".0f"),
+        ("weight_mib", "weights (MiB)", "–", ".0f"),
+        ("rss_per_weight", "peak RSS / weights", "lower", ".2f"),
+        ("bound_pct", f"decode as % of the matvec bound ({ours['matvec_tps']:.1f} tokens/s: one x @ W through "
+                      "every weight matrix, NumPy)", "higher", ".0f"),
+    ]
+    for key, label, better, fmt in rows:
+        cells = [format(r[key], fmt) if key in r else "–" for r in [ours, *others.values()]]
+        cells += [f"{ours[key] / r[key]:.2f}" if key in r else "–" for r in others.values()]
+        lines.append(f"| {label} | {better} | {' | '.join(cells)} |")
+    return lines
+
+
+def main(model_size="124M", model_dir=None, models_dir="bench-models", n_new=128, threads=2):
+    """Time this project's GPT-2 against the other engines installed, on one checkpoint; print a markdown table.
+
+    Args:
+        model_size: 124M, 355M, 774M or 1558M: the shape of the random-weight checkpoint built in models_dir.
+        model_dir: benchmark this existing folder in OpenAI's layout instead.
+        models_dir: where built checkpoints, and the copies the other engines load, are kept.
+        n_new: how many tokens the decode and batch rows generate.
+        threads: the thread count every engine gets.
+    """
+    if model_dir is None:
+        if model_size not in SIZES:
+            sys.exit(f"error: unknown model size {model_size!r}: choose one of {', '.join(SIZES)}")
+        model_dir = Path(models_dir) / model_size
+        if not (model_dir / "vocab.bpe").is_file():  # written last: a half-built folder is built again
+            note(f"building {model_dir} with random weights (once)")
+            hparams = dict(SIZES[model_size], n_ctx=1024, n_vocab=50257)
+            child("write_openai", dict(model_dir=str(model_dir), hparams=hparams, threads=threads))
+    model_dir = Path(model_dir)
+    rng = np.random.default_rng(0)
+    prompt = lambda n: rng.integers(0, EOT, n).tolist()  # EOT excluded: it would restart the document
+    spec = dict(model_dir=str(model_dir), hf_dir=str(Path(models_dir) / f"{model_dir.name}-hf"),
+                gguf_path=str(Path(models_dir) / f"{model_dir.name}-f32.gguf"), threads=threads, n_new=n_new,
+                prompt=prompt(PROMPT_LEN), long_prompt=prompt(LONG_PROMPT_LEN),
+                batch=[prompt(n) for n in BATCH_LENGTHS])
+    engines = [engine for engine in ENGINES if all(importlib.util.find_spec(m) for m in engine[2])]
+    for name, _, _, path, writer in engines:
+        if not Path(spec[path]).exists():
+            note(f"writing {spec[path]} for {name} (once)")
+            child(writer, spec)
+
+    started, cpu_before = time.perf_counter(), cpu_seconds()
+    note("ours")
+    ours = child("ours", spec)
+    others = {}
+    for name, worker, _, _, _ in engines:
+        note(name)
+        others[name] = child(worker, spec)
+    machine_busy, bench_busy = (after - before for after, before in zip(cpu_seconds(), cpu_before))
+    note(f"benchmarks took {time.perf_counter() - started:.0f} s")
+    # Threads that spin while waiting for a core (as OpenBLAS's do) make every row wrong on a shared machine
+    contention = f"Other processes used {machine_busy - bench_busy:.0f} CPU-seconds during the run (trust it if near 0)"
+    print("\n".join([*machine(), contention]), end="\n\n")
+    print("\n".join(table(f"GPT-2 {model_dir.name}, float32, {threads} threads", spec, ours, others)), end="\n\n")
+    for name, _, modules, _, _ in ENGINES:
+        if name not in others:
+            print(f"{name} is not installed (needs {', '.join(modules)}): no column for it.")
+    for name, r in others.items():
+        agree = sum(a == b for a, b in zip(r["predicted"], ours["predicted"]))
+        same = [row for row in ("decode", "uncached", "batch") if r.get(f"{row}_ids", 0) == ours[f"{row}_ids"]]
+        print(f"{name} agrees with ours on the most likely next token at {agree} of {LONG_PROMPT_LEN} positions "
+              f"of the long prompt; its generated tokens equal ours in: {', '.join(same) or 'none'}.")
+
+
+TASKS = dict(write_openai=write_openai, write_hf=write_hf, write_gguf=write_gguf,
+             ours=run_ours, hf=run_hf, llama=run_llama)
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["worker"]:
+        print(json.dumps(TASKS[sys.argv[2]](json.load(sys.stdin))))
+    else:
+        import fire
+
+        fire.Fire(main)
