@@ -104,8 +104,8 @@ def causal_mask(n_q, n_k):  # -> [n_q, n_k]: query i sits at position n_k - n_q 
 def hidden_states(inputs, positions, mask, wte, wpe, blocks, ln_f, n_head, kv_cache=None, start=0):
     # [..., n_seq] token ids and positions -> [..., n_seq, n_embd], the final layer-normed states
     x = wte[inputs] + wpe[positions]
-    for i, block in enumerate(blocks):
-        x = transformer_block(x, **block, n_head=n_head, mask=mask, kv=None if kv_cache is None else kv_cache[i], start=start)
+    for block, kv in zip(blocks, kv_cache or [None] * len(blocks)):
+        x = transformer_block(x, **block, n_head=n_head, mask=mask, kv=kv, start=start)
     return layer_norm(x, **ln_f)
 
 
