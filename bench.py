@@ -18,8 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
+from gpt2 import EOT
+
 ROOT = Path(__file__).resolve().parent
-EOT = 50256
+# tests/conftest.py writes checkpoints in OpenAI's layout and builds the reference model: the builds use it too
+sys.path.insert(0, str(ROOT / "tests"))
 SIZES = {  # GPT-2's real shapes: speed depends on them, not on the weights' values
     "124M": dict(n_layer=12, n_embd=768, n_head=12),
     "355M": dict(n_layer=24, n_embd=1024, n_head=16),
@@ -170,14 +173,12 @@ def run_llama(spec):
 
 
 def write_openai(spec):
-    sys.path.insert(0, str(ROOT / "tests"))
     from conftest import make_params, write_openai_checkpoint
 
     write_openai_checkpoint(spec["model_dir"], spec["hparams"], make_params(spec["hparams"], seed=0))
 
 
 def write_hf(spec):
-    sys.path.insert(0, str(ROOT / "tests"))
     from conftest import hf_gpt2
     from utils import load_encoder_hparams_and_params
 

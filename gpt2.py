@@ -160,16 +160,20 @@ def choose(logits, temperature, top_k, top_p, rng):  # [n_vocab] -> token id
 
 
 def check_sampling(temperature, top_k, top_p, n_vocab):
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or temperature < 0:
+    if not is_number(temperature) or temperature < 0:
         raise GPT2Error(f"--temperature must be a number >= 0 (0 means greedy), got {temperature!r}")
     if top_k is not None and (not is_int(top_k) or not 1 <= top_k <= n_vocab):
         raise GPT2Error(f"--top_k must be a whole number from 1 to {n_vocab}, got {top_k!r}")
-    if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1:
+    if not is_number(top_p) or not 0 < top_p <= 1:
         raise GPT2Error(f"--top_p must be a number in (0, 1], got {top_p!r}")
 
 
-def is_int(value):
+def is_int(value):  # bool is an int to Python, never a count to a user
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def is_number(value):
+    return is_int(value) or isinstance(value, (float, np.floating))
 
 
 def check_count(n_tokens_to_generate):
