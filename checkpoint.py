@@ -352,6 +352,33 @@ def load_safetensors(path):
     return tensors
 
 
+def save_safetensors(path, tensors, metadata=None):
+    """Write tensors (name -> float32 array) as a .safetensors file, atomically: a reader, or a kill at any moment,
+    sees the old file or the new one, never half of one. metadata: a dict of strings kept in the header."""
+    header, offset = {}, 0
+    for name, array in tensors.items():
+        size = array.size * 4
+        header[name] = {"dtype": "F32", "shape": list(array.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = metadata
+    header = json.dumps(header, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the format asks that the data start 8-byte aligned
+    temporary = f"{path}.{os.getpid()}"
+    try:
+        with open(temporary, "wb") as f:
+            f.write(len(header).to_bytes(8, "little"))
+            f.write(header)
+            for array in tensors.values():
+                f.write(np.ascontiguousarray(array, dtype="<f4").data)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename below makes it the file
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
 def _safetensors_span(path, name, info, data_size):
     """Check one header entry against the data part -> (begin, end) of its bytes there."""
     dtype = info.get("dtype") if isinstance(info, dict) else None

@@ -18,8 +18,9 @@ import numpy as np
 import requests
 from tqdm import tqdm
 
-from checkpoint import GPT2Error, load_safetensors, load_tf_checkpoint
+from checkpoint import GPT2Error, load_safetensors, load_tf_checkpoint, save_safetensors
 from encoder import load_encoder
+from params import hf_name, layout, leaves, openai_name, paths, tree_map
 
 MODEL_SIZES = ("124M", "355M", "774M", "1558M")
 OPENAI_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
@@ -39,29 +40,9 @@ OPENAI_HPARAMS = {"n_vocab": "n_vocab", "n_ctx": "n_ctx", "n_embd": "n_embd", "n
 HF_HPARAMS = {"n_vocab": "vocab_size", "n_ctx": "n_positions", "n_embd": "n_embd", "n_head": "n_head",
               "n_layer": "n_layer"}
 
-# Hugging Face's tensor names -> OpenAI's ("{i}" stands for the block number). None marks tensors the
-# model doesn't need: lm_head is a copy of wte, and attn.bias/masked_bias are constant causal-mask buffers.
-HF_TO_OPENAI = {
-    "wte.weight": "model/wte",
-    "wpe.weight": "model/wpe",
-    "ln_f.weight": "model/ln_f/g",
-    "ln_f.bias": "model/ln_f/b",
-    "h.{i}.ln_1.weight": "model/h{i}/ln_1/g",
-    "h.{i}.ln_1.bias": "model/h{i}/ln_1/b",
-    "h.{i}.attn.c_attn.weight": "model/h{i}/attn/c_attn/w",
-    "h.{i}.attn.c_attn.bias": "model/h{i}/attn/c_attn/b",
-    "h.{i}.attn.c_proj.weight": "model/h{i}/attn/c_proj/w",
-    "h.{i}.attn.c_proj.bias": "model/h{i}/attn/c_proj/b",
-    "h.{i}.ln_2.weight": "model/h{i}/ln_2/g",
-    "h.{i}.ln_2.bias": "model/h{i}/ln_2/b",
-    "h.{i}.mlp.c_fc.weight": "model/h{i}/mlp/c_fc/w",
-    "h.{i}.mlp.c_fc.bias": "model/h{i}/mlp/c_fc/b",
-    "h.{i}.mlp.c_proj.weight": "model/h{i}/mlp/c_proj/w",
-    "h.{i}.mlp.c_proj.bias": "model/h{i}/mlp/c_proj/b",
-    "lm_head.weight": None,
-    "h.{i}.attn.bias": None,
-    "h.{i}.attn.masked_bias": None,
-}
+# Tensors a Hugging Face file may hold that the model doesn't need: lm_head is a copy of wte (tied), and
+# attn.bias/masked_bias are constant causal-mask buffers.
+HF_UNUSED = re.compile(r"lm_head\.weight|h\.\d+\.attn\.(masked_)?bias")
 
 # Records which checkpoint bytes already passed the CRC32C check, so that only the first load pays for it.
 VERIFIED_MARKER = ".verified"
@@ -89,13 +70,13 @@ def load_encoder_hparams_and_params(model_size="124M", models_dir="models", mode
 
 def choose_layout(model_dir, file_names):
     """The layout all of whose files are among file_names, else a GPT2Error saying which files are missing."""
-    for layout, needed in LAYOUTS.items():
+    for folder_layout, needed in LAYOUTS.items():
         if set(needed) <= file_names:
-            return layout
-    layout, needed = max(LAYOUTS.items(), key=lambda item: len(file_names & set(item[1])))
+            return folder_layout
+    folder_layout, needed = max(LAYOUTS.items(), key=lambda item: len(file_names & set(item[1])))
     if file_names & set(needed):
         missing = [name for name in needed if name not in file_names]
-        raise GPT2Error(f"{model_dir} holds part of {layout} layout of a GPT-2 model but lacks {', '.join(missing)}: "
+        raise GPT2Error(f"{model_dir} holds part of {folder_layout} layout of a GPT-2 model but lacks {', '.join(missing)}: "
                         "add them")
     raise GPT2Error(
         f"{model_dir} holds no GPT-2 model: expected OpenAI's files ({', '.join(LAYOUTS[OPENAI_LAYOUT])}) "
@@ -114,10 +95,9 @@ def load_openai_folder(model_dir):
     tensors = load_tf_checkpoint(str(prefix), verify_crc=not verified)
     if not verified:
         write_verified_marker(model_dir, stamp)
-    check_tensors(tensors, expected_shapes(hparams, conv_axes=(1,)), f"{prefix}.index", hparams_path)
-    # OpenAI stored conv weights as [1, nx, nf]; indexing [0] gives a view, not a copy.
-    tensors = {name: array[0] if name.endswith("/w") else array for name, array in tensors.items()}
-    return encoder, hparams, nested_params(tensors, hparams["n_layer"])
+    # OpenAI stored conv weights as [1, n_in, n_out]; indexing [0] gives a view, not a copy.
+    params = params_from_tensors(tensors, hparams, openai_name, f"{prefix}.index", hparams_path, conv_axis=True)
+    return encoder, hparams, tree_map(lambda w: w[0] if w.ndim == 3 else w, params)
 
 
 def load_hf_folder(model_dir):
@@ -125,16 +105,13 @@ def load_hf_folder(model_dir):
     config_path = model_dir / "config.json"
     hparams = checked_hparams(read_json_object(config_path), config_path, HF_HPARAMS)
     encoder = read_tokenizer(model_dir / "vocab.json", model_dir / "merges.txt", hparams, config_path)
-    renames = hf_to_openai_names(hparams["n_layer"])
     tensors = {}
-    for hf_name, array in load_safetensors(str(model_dir / "model.safetensors")).items():
-        name = renames.get(hf_name.removeprefix("transformer."), hf_name)  # an unknown name stays, to be reported
-        if name is not None:
+    for name, array in load_safetensors(str(model_dir / "model.safetensors")).items():
+        name = name.removeprefix("transformer.")
+        if not HF_UNUSED.fullmatch(name):
             tensors[name] = array
-    hf_names = {name: hf_name for hf_name, name in renames.items() if name is not None}
-    shapes = expected_shapes(hparams, conv_axes=())
-    check_tensors(tensors, shapes, model_dir / "model.safetensors", config_path, hf_names)
-    return encoder, hparams, nested_params(tensors, hparams["n_layer"])
+    params = params_from_tensors(tensors, hparams, hf_name, model_dir / "model.safetensors", config_path)
+    return encoder, hparams, params
 
 
 def read_json_object(path):
@@ -193,49 +170,28 @@ def read_tokenizer(vocab_path, merges_path, hparams, hparams_path):
     return encoder
 
 
-def hf_to_openai_names(n_layer):
-    """Hugging Face's name -> OpenAI's (None: not needed) for each tensor an n_layer model's file may hold."""
-    names = {}
-    for hf_name, name in HF_TO_OPENAI.items():
-        for i in range(n_layer) if "{i}" in hf_name else [0]:
-            names[hf_name.format(i=i)] = None if name is None else name.format(i=i)
-    return names
+def params_from_tensors(tensors, hparams, file_name, checkpoint_path, hparams_path, conv_axis=False):
+    """The params tree of tensors (the checkpoint's name -> array; file_name(path) gives that name), checked to
+    hold exactly the float32 tensors hparams imply; conv_axis: each weight has a leading axis of size 1."""
+    shapes = layout(hparams)
+    expected = {}
+    for path, shape in leaves(shapes):
+        # OpenAI saved each linear layer's weight as a 1x1 convolution's, with a leading axis of size 1
+        expected[file_name(path)] = (1, *shape) if conv_axis and path[-1] == "w" else shape
+    check_tensors(tensors, expected, checkpoint_path, hparams_path)
+    return tree_map(lambda path: tensors[file_name(path)], paths(shapes))
 
 
-def expected_shapes(hparams, conv_axes):
-    """OpenAI's name -> shape of every tensor hparams imply; conv_axes lead each conv weight's shape."""
-    n_vocab, n_ctx, n_embd = hparams["n_vocab"], hparams["n_ctx"], hparams["n_embd"]
-    block = {
-        "ln_1/g": (n_embd,),
-        "ln_1/b": (n_embd,),
-        "attn/c_attn/w": (*conv_axes, n_embd, 3 * n_embd),
-        "attn/c_attn/b": (3 * n_embd,),
-        "attn/c_proj/w": (*conv_axes, n_embd, n_embd),
-        "attn/c_proj/b": (n_embd,),
-        "ln_2/g": (n_embd,),
-        "ln_2/b": (n_embd,),
-        "mlp/c_fc/w": (*conv_axes, n_embd, 4 * n_embd),
-        "mlp/c_fc/b": (4 * n_embd,),
-        "mlp/c_proj/w": (*conv_axes, 4 * n_embd, n_embd),
-        "mlp/c_proj/b": (n_embd,),
-    }
-    shapes = {"model/wte": (n_vocab, n_embd), "model/wpe": (n_ctx, n_embd)}
-    for i in range(hparams["n_layer"]):
-        shapes.update({f"model/h{i}/{name}": shape for name, shape in block.items()})
-    return shapes | {"model/ln_f/g": (n_embd,), "model/ln_f/b": (n_embd,)}
-
-
-def check_tensors(tensors, shapes, checkpoint_path, hparams_path, file_names=None):
-    """A GPT2Error unless tensors are exactly the float32 tensors of shapes; file_names: the checkpoint's own names."""
-    shown = (file_names or {}).get
+def check_tensors(tensors, shapes, checkpoint_path, hparams_path):
+    """A GPT2Error unless tensors are exactly the float32 tensors of shapes (both keyed by the checkpoint's names)."""
     hparams_name = hparams_path.name
     fix = f"the checkpoint and {hparams_name} come from different models; use files released together"
-    missing = [shown(name, name) for name in shapes if name not in tensors]
+    missing = [name for name in shapes if name not in tensors]
     if missing:
         raise GPT2Error(
             f"{checkpoint_path} lacks {len(missing)} tensors that {hparams_name} implies, e.g. {missing[0]}: {fix}"
         )
-    extra = [shown(name, name) for name in tensors if name not in shapes]
+    extra = [name for name in tensors if name not in shapes]
     if extra:
         raise GPT2Error(
             f"{checkpoint_path} has {len(extra)} tensors that {hparams_name} doesn't imply, e.g. {extra[0]}: {fix}"
@@ -244,28 +200,13 @@ def check_tensors(tensors, shapes, checkpoint_path, hparams_path, file_names=Non
         array = tensors[name]
         if array.shape != shape:
             raise GPT2Error(
-                f"{checkpoint_path}: tensor {shown(name, name)} has shape {list(array.shape)}, "
+                f"{checkpoint_path}: tensor {name} has shape {list(array.shape)}, "
                 f"but {hparams_name} implies {list(shape)}: {fix}"
             )
         if array.dtype != np.float32:
             raise GPT2Error(
-                f"{checkpoint_path}: tensor {shown(name, name)} is {array.dtype}, not float32: "
-                "convert the checkpoint to float32"
+                f"{checkpoint_path}: tensor {name} is {array.dtype}, not float32: convert the checkpoint to float32"
             )
-
-
-def nested_params(tensors, n_layer):
-    """OpenAI's flat names ("model/h3/attn/c_attn/w") -> the nested params dict, blocks as a list."""
-    params = {"blocks": [{} for _ in range(n_layer)]}
-    for name, array in tensors.items():
-        keys = name.removeprefix("model/").split("/")
-        node = params
-        if re.fullmatch(r"h\d+", keys[0]):
-            node, keys = params["blocks"][int(keys[0][1:])], keys[1:]
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-        node[keys[-1]] = array
-    return params
 
 
 def checkpoint_stamp(prefix):
@@ -285,11 +226,33 @@ def read_verified_marker(model_dir):
 
 
 def write_verified_marker(model_dir, stamp):
-    temporary = model_dir / f"{VERIFIED_MARKER}.{os.getpid()}"
     # A read-only model folder still loads; it is just verified again on every load.
     with contextlib.suppress(OSError):
-        temporary.write_text(json.dumps(stamp))
-        os.replace(temporary, model_dir / VERIFIED_MARKER)  # atomic: a concurrent load never reads half a marker
+        write_text_atomically(model_dir / VERIFIED_MARKER, json.dumps(stamp))
+
+
+def write_text_atomically(path, text):
+    """Write text to path by way of a temporary name: a concurrent reader never sees half a file."""
+    temporary = path.with_name(f"{path.name}.{os.getpid()}")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def save_hf_folder(model_dir, hparams, params, encoder):
+    """Write a model folder in Hugging Face's layout (config.json, vocab.json, merges.txt, model.safetensors),
+    which this loader and transformers' GPT2LMHeadModel.from_pretrained both read; each file atomically."""
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "activation_function": "gelu_new",
+              "layer_norm_epsilon": 1e-5, "tie_word_embeddings": True}
+    config |= {theirs: hparams[ours] for ours, theirs in HF_HPARAMS.items()}
+    if "<|endoftext|>" in encoder.encoder:
+        config["bos_token_id"] = config["eos_token_id"] = encoder.encoder["<|endoftext|>"]
+    write_text_atomically(model_dir / "config.json", json.dumps(config, indent=2) + "\n")
+    write_text_atomically(model_dir / "vocab.json", json.dumps(encoder.encoder, ensure_ascii=False))
+    merges = "".join(f"{first} {second}\n" for first, second in encoder.bpe_ranks)
+    write_text_atomically(model_dir / "merges.txt", "#version: 0.2\n" + merges)
+    save_safetensors(model_dir / "model.safetensors", {hf_name(path): array for path, array in leaves(params)})
 
 
 def download_gpt2_files(model_size, model_dir, base_url=None):

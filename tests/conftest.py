@@ -17,6 +17,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from params import hf_name, layout, leaves, openai_name, paths, tree_map  # noqa: E402
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 SHARED_124M_HEAD = ROOT.parent / "shared" / "fixtures" / "openai-124M-head"
@@ -37,52 +39,26 @@ def tokenizer_files_dir():
 
 
 def make_params(hparams, seed=0):
-    """Random float32 weights in the nested layout of the params dict (conv weights already squeezed).
+    """Random float32 weights in the params dict's layout, spread wider than GPT-2's initialisation.
 
     Scaled so activations stay near unit size and the logits are spread out: greedy choices are then
-    decided by clear margins, not by float rounding.
+    decided by clear margins, not by float rounding. Layer-norm gains and every bias are random too, so a
+    test notices if one is dropped or swapped.
     """
     rng = np.random.default_rng(seed)
-    n_embd, n_vocab, n_ctx = hparams["n_embd"], hparams["n_vocab"], hparams["n_ctx"]
 
-    def normal(shape, std):
-        return rng.normal(0.0, std, shape).astype(np.float32)
+    def random(shape, path):
+        centre = 1.0 if path[-1] == "g" else 0.0  # a layer norm's gain sits around 1
+        std = {"wte": 0.3, "wpe": 0.1, "w": shape[0] ** -0.5}.get(path[-1], 0.1)
+        return rng.normal(centre, std, shape).astype(np.float32)
 
-    def linear(nx, nf):
-        return {"w": normal((nx, nf), nx**-0.5), "b": normal((nf,), 0.1)}
-
-    def norm():
-        return {"g": 1.0 + normal((n_embd,), 0.1), "b": normal((n_embd,), 0.1)}
-
-    blocks = [
-        {
-            "ln_1": norm(),
-            "attn": {"c_attn": linear(n_embd, 3 * n_embd), "c_proj": linear(n_embd, n_embd)},
-            "ln_2": norm(),
-            "mlp": {"c_fc": linear(n_embd, 4 * n_embd), "c_proj": linear(4 * n_embd, n_embd)},
-        }
-        for _ in range(hparams["n_layer"])
-    ]
-    return {
-        "wte": normal((n_vocab, n_embd), 0.3),
-        "wpe": normal((n_ctx, n_embd), 0.1),
-        "blocks": blocks,
-        "ln_f": norm(),
-    }
+    shapes = layout(hparams)
+    return tree_map(random, shapes, paths(shapes))
 
 
 def tf_variables(params):
     """The params dict as OpenAI's TF1 variables: name -> array, conv weights shaped [1, nx, nf]."""
-    variables = {"model/wte": params["wte"], "model/wpe": params["wpe"]}
-    for i, block in enumerate(params["blocks"]):
-        for group, layers in (("", ("ln_1", "ln_2")), ("attn/", ("c_attn", "c_proj")), ("mlp/", ("c_fc", "c_proj"))):
-            for layer in layers:
-                tensors = block[group.rstrip("/")][layer] if group else block[layer]
-                for key, value in tensors.items():
-                    variables[f"model/h{i}/{group}{layer}/{key}"] = value[None] if key == "w" else value
-    variables["model/ln_f/g"] = params["ln_f"]["g"]
-    variables["model/ln_f/b"] = params["ln_f"]["b"]
-    return variables
+    return {openai_name(path): array[None] if path[-1] == "w" else array for path, array in leaves(params)}
 
 
 def write_openai_checkpoint(model_dir, hparams, params):
@@ -148,9 +124,6 @@ def models_dir(tmp_path_factory, fixture_model):
     return models
 
 
-HF_SUFFIXES = {"g": "weight", "w": "weight", "b": "bias"}  # LayerNorm gain and conv weight are both "weight"
-
-
 def hf_gpt2(hparams, params):
     """Hugging Face transformers' GPT2LMHeadModel (PyTorch, CPU, float32) holding the same weights."""
     import torch
@@ -169,20 +142,7 @@ def hf_gpt2(hparams, params):
         attn_pdrop=0.0,
     )
     model = GPT2LMHeadModel(config).eval()
-    state = {"transformer.wte.weight": params["wte"], "transformer.wpe.weight": params["wpe"]}
-    for i, block in enumerate(params["blocks"]):
-        for name, tensors in (
-            ("ln_1", block["ln_1"]),
-            ("ln_2", block["ln_2"]),
-            ("attn.c_attn", block["attn"]["c_attn"]),
-            ("attn.c_proj", block["attn"]["c_proj"]),
-            ("mlp.c_fc", block["mlp"]["c_fc"]),
-            ("mlp.c_proj", block["mlp"]["c_proj"]),
-        ):
-            for key, value in tensors.items():
-                state[f"transformer.h.{i}.{name}.{HF_SUFFIXES[key]}"] = value
-    state["transformer.ln_f.weight"] = params["ln_f"]["g"]
-    state["transformer.ln_f.bias"] = params["ln_f"]["b"]
+    state = {f"transformer.{hf_name(path)}": array for path, array in leaves(params)}
     missing, unexpected = model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=False)
     # The only key left unset is the LM head, which GPT-2 ties to wte.
     assert set(missing) <= {"lm_head.weight"} and not unexpected, (missing, unexpected)

@@ -13,6 +13,7 @@ from safetensors.numpy import save_file
 
 import utils
 from checkpoint import read_tf_index
+from params import openai_name
 from conftest import ROOT, SHAPES, flip_byte, tf_variables
 from utils import GPT2Error, load_encoder_hparams_and_params
 
@@ -322,7 +323,7 @@ def test_check_tensors_refuses_other_dtypes(fixture_model):
     _, hparams, params = fixture_model("tiny")
     tensors = dict(tf_variables(params), **{"model/wpe": params["wpe"].astype(np.float64)})
     with pytest.raises(GPT2Error, match="tensor model/wpe is float64, not float32"):
-        utils.check_tensors(tensors, utils.expected_shapes(hparams, (1,)), "model.ckpt.index", Path("hparams.json"))
+        utils.params_from_tensors(tensors, hparams, openai_name, "model.ckpt.index", Path("hparams.json"), conv_axis=True)
 
 
 def test_an_unknown_model_size_lists_the_valid_ones(tmp_path):
