@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2 import EOT
 from params import leaves
 
+EOT = 50256  # <|endoftext|> in GPT-2's vocabulary, which every size shares
 SIZES = {  # GPT-2's real shapes: speed depends on them, not on the weights' values
     "124M": dict(n_layer=12, n_embd=768, n_head=12),
     "355M": dict(n_layer=24, n_embd=1024, n_head=16),

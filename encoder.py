@@ -15,6 +15,10 @@ import regex
 # one token whatever precedes it.
 PRETOKEN_PATTERN = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
 
+# How many pre-tokens' ids an Encoder remembers: far more than a language's common words, and bounded, so
+# that encoding a text of any size (prepare.py streams gigabytes) keeps its memory bounded.
+CACHE_SIZE = 1 << 17
+
 
 def bytes_to_unicode() -> dict[int, str]:
     """Each of the 256 byte values -> a printable character that stands for it in encoder.json and vocab.bpe.
@@ -84,6 +88,8 @@ class Encoder:
 
     def _encode_pretoken(self, pretoken: str) -> tuple[int, ...]:
         if pretoken not in self.cache:
+            if len(self.cache) >= CACHE_SIZE:
+                self.cache.clear()
             word = "".join(self.byte_encoder[b] for b in pretoken.encode("utf-8"))
             self.cache[pretoken] = tuple(self.encoder[token] for token in bpe(word, self.bpe_ranks))
         return self.cache[pretoken]
@@ -102,6 +108,17 @@ class Encoder:
             return self.decoder[operator.index(token_id)]
         except (TypeError, KeyError):
             raise ValueError(f"token id {token_id!r} is not in the vocabulary of {len(self.decoder)} tokens") from None
+
+
+def byte_level_encoder() -> Encoder:
+    """The tokenizer for training from scratch: one token per byte and no merges, then <|endoftext|> (257 ids).
+
+    The 256 byte tokens are GPT-2's own first 256 vocabulary entries, numbered as GPT-2 numbers them, and
+    <|endoftext|> comes last as in GPT-2: any text in any language encodes, and a model trained with it is
+    saved (vocab.json, an empty merges.txt) and loaded by the same code as GPT-2.
+    """
+    vocabulary = {char: i for i, char in enumerate(bytes_to_unicode().values())}
+    return Encoder(vocabulary | {"<|endoftext|>": len(vocabulary)}, [])
 
 
 def read_merges(vocab_bpe_path) -> list[tuple[str, str]]:

@@ -12,9 +12,6 @@ import numpy as np
 
 from utils import GPT2Error, load_encoder_hparams_and_params, run_cli
 
-EOT = 50256  # <|endoftext|>: GPT-2 was trained with it between documents, so it also starts a fresh one
-
-
 def gelu(x):  # [...] -> [...]
     # 0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x**3))), computed in one buffer: on a long prompt
     # every temporary array costs as much as the arithmetic (and x**3 is several times slower than x * x * x)
@@ -181,10 +178,18 @@ def check_count(n_tokens_to_generate):
         raise GPT2Error(f"--n_tokens_to_generate must be a whole number >= 0, got {n_tokens_to_generate!r}")
 
 
+def endoftext(endoftext_id, n_vocab):
+    # <|endoftext|>: GPT-2 was trained with it between documents, so it also starts a fresh one. Its id comes from
+    # the vocabulary (encoder.encoder["<|endoftext|>"]); by default the last, where GPT-2 and the byte-level
+    # tokenizer both put it
+    return n_vocab - 1 if endoftext_id is None else endoftext_id
+
+
 def generate_stream(inputs, params, n_head, n_tokens_to_generate, temperature=0.0, top_k=None, top_p=1.0,
-                    seed=None, stop_at_endoftext=True):  # [n_seq] -> iterator of new token ids
+                    seed=None, stop_at_endoftext=True, endoftext_id=None):  # [n_seq] -> iterator of new token ids
     n_ctx, n_vocab = params["wpe"].shape[0], params["wte"].shape[0]
-    inputs = list(inputs) or [EOT]  # an empty prompt starts a fresh document
+    eot = endoftext(endoftext_id, n_vocab)
+    inputs = list(inputs) or [eot]  # an empty prompt starts a fresh document
     check_count(n_tokens_to_generate)
     if len(inputs) > n_ctx:
         raise GPT2Error(f"the prompt is {len(inputs)} tokens but this model's context holds {n_ctx}: shorten the prompt")
@@ -200,7 +205,7 @@ def generate_stream(inputs, params, n_head, n_tokens_to_generate, temperature=0.
             tokens, start = inputs, 0
         logits = next_logits(np.array([tokens]), no_pads, params, n_head, kv_cache, start)[0]
         next_id = choose(logits, temperature, top_k, top_p, rng)
-        if next_id == EOT and stop_at_endoftext:
+        if next_id == eot and stop_at_endoftext:
             return
         yield next_id
         start += len(tokens)
@@ -213,9 +218,11 @@ def generate(inputs, params, n_head, n_tokens_to_generate, **options):  # [n_seq
 
 
 def generate_batch(prompts, params, n_head, n_tokens_to_generate, temperature=0.0, top_k=None, top_p=1.0,
-                   seed=None, stop_at_endoftext=True):  # n_batch x [n_seq_b] -> n_batch x [<= n_tokens_to_generate]
+                   seed=None, stop_at_endoftext=True,
+                   endoftext_id=None):  # n_batch x [n_seq_b] -> n_batch x [<= n_tokens_to_generate]
     n_ctx, n_vocab = params["wpe"].shape[0], params["wte"].shape[0]
-    prompts = [list(p) or [EOT] for p in prompts]
+    eot = endoftext(endoftext_id, n_vocab)
+    prompts = [list(p) or [eot] for p in prompts]
     if not prompts:
         raise GPT2Error("no prompts to generate for: give at least one")
     longest = max(len(p) for p in prompts)
@@ -234,7 +241,7 @@ def generate_batch(prompts, params, n_head, n_tokens_to_generate, temperature=0.
         start += tokens.shape[1]
         tokens = np.array([[choose(row, temperature, top_k, top_p, rng)] for row in logits])
         for b, (next_id,) in enumerate(tokens):
-            done[b] = done[b] or (stop_at_endoftext and next_id == EOT)
+            done[b] = done[b] or (stop_at_endoftext and next_id == eot)
             if not done[b]:
                 outputs[b].append(int(next_id))
         if all(done):
@@ -314,7 +321,8 @@ def main(prompt="", n_tokens_to_generate=40, model_size="124M", models_dir="mode
     encoder, hparams, params = load_encoder_hparams_and_params(model_size, models_dir, model_dir)
     n_head = hparams["n_head"]
     stop = (stop,) if isinstance(stop, str) else tuple(str(s) for s in stop)
-    options = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_at_endoftext=not ignore_endoftext)
+    options = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_at_endoftext=not ignore_endoftext,
+                   endoftext_id=encoder.encoder.get("<|endoftext|>"))
 
     if score_file is not None:
         ids = encoder.encode(read_text(score_file))

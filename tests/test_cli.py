@@ -61,7 +61,7 @@ def test_empty_prompt_generates_from_endoftext(script, models_dir, model):
     encoder, hparams, params = model
     result = run(script, "", "--n_tokens_to_generate", 6, "--models_dir", models_dir)
     assert result.returncode == 0, result.stderr
-    assert result.stdout == encoder.decode(gpt2.generate([gpt2.EOT], params, hparams["n_head"], 6)) + "\n"
+    assert result.stdout == encoder.decode(gpt2.generate([encoder.encoder["<|endoftext|>"]], params, hparams["n_head"], 6)) + "\n"
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

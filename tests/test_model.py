@@ -58,13 +58,13 @@ def test_cached_greedy_ids_equal_uncached_over_64_tokens(loaded_model):
 
 @pytest.mark.parametrize("name", SHAPES)
 def test_greedy_generate_matches_hugging_face_generate(name, loaded_model, hf_model):
-    _, hparams, params = loaded_model(name)
+    encoder, hparams, params = loaded_model(name)
     prompt = random_ids(5, seed=3)
     n_new = hparams["n_ctx"] - len(prompt)
     with torch.no_grad():
         expected = hf_model(name).generate(
             torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=gpt2.EOT,
+            max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=encoder.encoder["<|endoftext|>"],
         )[0, len(prompt):].tolist()
     assert gpt2.generate(prompt, params, hparams["n_head"], n_new, stop_at_endoftext=False) == expected
 
@@ -107,12 +107,13 @@ def test_generation_past_the_context_slides_the_window(loaded_model):
 
 
 def test_generation_stops_at_endoftext_unless_told_not_to(loaded_model):
-    _, hparams, params = loaded_model("tiny")
+    encoder, hparams, params = loaded_model("tiny")
+    eot = encoder.encoder["<|endoftext|>"]
     n_head, prompt = hparams["n_head"], random_ids(4)
     # point <|endoftext|>'s embedding along the prompt's final state, so the model must choose it next
     # (in a copy of the weights: the other tests keep the fixture's)
     final_state = gpt2.hidden_states(np.array(prompt), np.arange(4), gpt2.causal_mask(4, 4), **params, n_head=n_head)[-1]
     params = dict(params, wte=np.array(params["wte"]))
-    params["wte"][gpt2.EOT] = 100 * final_state / np.linalg.norm(final_state)
+    params["wte"][eot] = 100 * final_state / np.linalg.norm(final_state)
     assert gpt2.generate(prompt, params, n_head, 5) == []
-    assert gpt2.generate(prompt, params, n_head, 5, stop_at_endoftext=False)[0] == gpt2.EOT
+    assert gpt2.generate(prompt, params, n_head, 5, stop_at_endoftext=False)[0] == eot

@@ -1,0 +1,143 @@
+"""Data: a text file becomes a file of token ids (uint16) in one streaming pass, whatever the text's size.
+
+The text is read a piece at a time and encoded in chunks. A chunk is cut only between two characters that
+GPT-2's pre-tokenizer can never put into one pre-token, so the ids are exactly those of encoding the whole
+text at once. The last 10 % of the ids are held out for validation.
+"""
+import codecs
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import regex
+from tqdm import tqdm
+
+from utils import GPT2Error, write_text_atomically
+
+READ_BYTES = 1 << 20  # how much of the file is read at a time
+VALIDATION_SHARE = 0.1
+
+# The classes that encoder.PRETOKEN_PATTERN tells characters apart by: \s, \p{L}, \p{N} and all the others.
+OTHER, WHITESPACE, LETTER, NUMBER = 0, 1, 2, 3
+CHAR_CLASS = regex.compile(r"(\s)|(\p{L})|(\p{N})")
+
+
+def char_class(char):
+    match = CHAR_CLASS.match(char)
+    return match.lastindex if match else OTHER
+
+
+def last_safe_cut(text, start=1):
+    """The largest i in [start, len(text)) where text[:i] and text[i:] encode to exactly the ids of text, else 0.
+
+    A pre-token is a contraction ('s 't 're 've 'm 'll 'd: an apostrophe, then letters), a run of one class
+    (letters, numbers or other symbols) with at most one space in front, or a run of whitespace. So two
+    neighbouring characters can share a pre-token only if they are of one class, or the first is whitespace
+    (" word"; and "\\s+(?!\\S)" leaves a run's last space to the word after it), or an apostrophe is followed
+    by a letter. Between any other two a pre-token ends, and the pattern decides it from the characters up to
+    the second one: the first of text[i:], which text[:i] lacks, yet cannot change, since no pre-token ends
+    differently at the end of a text than before a character of another class or before whitespace.
+    """
+    for i in range(len(text) - 1, max(start, 1) - 1, -1):
+        before, after = char_class(text[i - 1]), char_class(text[i])
+        if before not in (WHITESPACE, after) and not (text[i - 1] == "'" and after == LETTER):
+            return i
+    return 0
+
+
+def encode_file(text_path, encoder, tokens_path, read_bytes=READ_BYTES):
+    """Encode the UTF-8 text of text_path into tokens_path as uint16 ids; returns how many.
+
+    Memory holds read_bytes of text plus the longest stretch with nowhere to cut (a run of letters, say), never
+    the whole file. tokens_path appears complete or not at all.
+    """
+    text_path, tokens_path = Path(text_path), Path(tokens_path)
+    if len(encoder.encoder) > 1 << 16:
+        raise GPT2Error(f"the vocabulary has {len(encoder.encoder)} tokens: token files hold ids below 65536")
+    try:
+        size = text_path.stat().st_size
+    except OSError as e:
+        raise GPT2Error(f"cannot read {text_path} ({e.strerror}): give the path of a text file") from None
+    if size == 0:
+        raise GPT2Error(f"{text_path} is empty: give a text to train on")
+    temporary = tokens_path.with_name(f"{tokens_path.name}.{os.getpid()}")
+    utf8 = codecs.getincrementaldecoder("utf-8")()
+    n_tokens, n_read, pending = 0, 0, ""
+    try:
+        with (open(text_path, "rb") as source, open(temporary, "wb") as sink,
+              tqdm(total=size, desc=f"encoding {text_path.name}", unit="B", unit_scale=True, file=sys.stderr,
+                   disable=None) as bar):  # disable=None: a bar on a terminal only
+
+            def write(text):
+                nonlocal n_tokens
+                ids = np.array(encoder.encode(text), dtype=np.uint16)
+                ids.tofile(sink)
+                n_tokens += len(ids)
+
+            while piece := source.read(read_bytes):
+                n_old = len(pending)
+                pending += decode_utf8(utf8, piece, n_read, text_path)
+                n_read += len(piece)
+                # a cut can only have appeared where this piece begins or in it: the text before had none
+                cut = last_safe_cut(pending, n_old)
+                write(pending[:cut])
+                pending = pending[cut:]
+                bar.update(len(piece))
+            write(pending + decode_utf8(utf8, b"", n_read, text_path))  # b"": a character left unfinished is an error
+        os.replace(temporary, tokens_path)
+    except OSError as e:
+        raise GPT2Error(f"cannot encode {text_path} into {tokens_path} ({e.strerror})") from None
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+    return n_tokens
+
+
+def decode_utf8(utf8, piece, offset, text_path):
+    """The text of piece, the bytes of text_path from offset on, through the incremental decoder utf8."""
+    n_held = len(utf8.getstate()[0])  # bytes of a character that the previous piece began
+    try:
+        return utf8.decode(piece, final=not piece)
+    except UnicodeDecodeError as e:
+        at = offset - n_held + e.start
+        raise GPT2Error(f"{text_path} is not valid UTF-8 text ({e.reason} at byte {at}): save it as UTF-8") from None
+
+
+def tokenizer_digest(encoder):
+    """A fingerprint of the tokenizer's vocabulary and merges: token files made by another are not reused."""
+    return hashlib.sha256(json.dumps([encoder.encoder, list(encoder.bpe_ranks)]).encode()).hexdigest()
+
+
+def prepare(text_path, encoder, out_dir):
+    """The ids of text_path's text as a read-only uint16 array, from out_dir/tokens.bin when that was made from
+    the same file (same size and time) with the same tokenizer, else encoded into it first.
+
+    out_dir/tokens.json describes tokens.bin and is written after it: it is the commit point, so a run
+    killed while encoding leaves no tokens.json (or the previous one, which no longer matches) and is redone.
+    """
+    text_path, out_dir = Path(text_path), Path(out_dir)
+    tokens_path, stamp_path = out_dir / "tokens.bin", out_dir / "tokens.json"
+    try:
+        stat = text_path.stat()
+    except OSError as e:
+        raise GPT2Error(f"cannot read {text_path} ({e.strerror}): give the path of a text file") from None
+    stamp = {"text": str(text_path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+             "tokenizer": tokenizer_digest(encoder)}
+    try:
+        reusable = json.loads(stamp_path.read_text()) == stamp | {"n_tokens": tokens_path.stat().st_size // 2}
+    except (OSError, ValueError):
+        reusable = False
+    if reusable:
+        return np.memmap(tokens_path, dtype=np.uint16, mode="r")
+    stamp_path.unlink(missing_ok=True)
+    n_tokens = encode_file(text_path, encoder, tokens_path)
+    write_text_atomically(stamp_path, json.dumps(stamp | {"n_tokens": n_tokens}))
+    return np.memmap(tokens_path, dtype=np.uint16, mode="r")
+
+
+def split(tokens):  # [n] -> ([n_train], [n_val]): the last 10 % is validation
+    n_train = len(tokens) - int(len(tokens) * VALIDATION_SHARE)
+    return tokens[:n_train], tokens[n_train:]
