@@ -162,6 +162,26 @@ def hf_model(fixture_model):
     return get
 
 
+# The shapes the training tests use: SHAPES with their wide random weights, and the byte-level baby GPT's kind
+# (a vocabulary of 257) with GPT-2's own initialisation, the weights training starts from.
+TRAIN_SHAPES = dict(SHAPES, byte=dict(n_vocab=257, n_ctx=64, n_embd=64, n_head=4, n_layer=2))
+
+
+@pytest.fixture(scope="session")
+def training_reference():
+    """training_reference(name) -> (hparams, params, model): TRAIN_SHAPES[name]'s float32 weights, and a
+    GPT2LMHeadModel holding them for PyTorch autograd to differentiate; built once, without writing a checkpoint."""
+    from params import init_params
+
+    @functools.cache
+    def get(name):
+        hparams = TRAIN_SHAPES[name]
+        params = init_params(hparams, seed=0) if name == "byte" else make_params(hparams, seed=list(SHAPES).index(name))
+        return hparams, params, hf_gpt2(hparams, params)
+
+    return get
+
+
 @pytest.fixture(scope="session")
 def loaded_model(fixture_model):
     """loaded_model(name) -> (encoder, hparams, params) as this project's loader reads fixture_model(name)."""

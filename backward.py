@@ -1,0 +1,239 @@
+"""GPT-2's backward pass in NumPy: the loss of next-token prediction and its gradient for every parameter.
+
+Laid out as llm.c's train_gpt2.c is: each piece of the model has a forward that also returns what its backward
+needs, and beside it the backward, which writes the gradients of its parameters into the subtree it is given
+(first argument), takes the gradient of the forward's output next, then what the forward saw and saved, and
+returns the gradient of the forward's input. gpt2_backward is gpt2_forward read in reverse.
+
+The math is gpt2.py's model, batched: x is [n_batch, n_seq, n_embd] and the linear layers see it as one
+[n_batch * n_seq, n_embd] matrix, so every weight takes part in one 2-D product forward and two backward.
+"""
+import math
+
+import numpy as np
+
+from checkpoint import GPT2Error
+from params import tree_map
+
+GELU_SCALE = math.sqrt(2 / math.pi)
+
+
+def embed_forward(inputs, wte, wpe):  # [n_batch, n_seq] ids -> [n_batch, n_seq, n_embd]
+    return wte[inputs] + wpe[: inputs.shape[1]]
+
+
+def embed_backward(dwte, dwpe, dout, inputs):  # [n_batch, n_seq, n_embd] -> added into dwte, written into dwpe
+    # x = wte[inputs] + wpe[:n_seq]
+    # np.add.at adds every occurrence of an id: dwte[inputs] += dout would keep only one of a repeated id's rows
+    np.add.at(dwte, inputs, dout)
+    np.sum(dout, axis=0, out=dwpe[: inputs.shape[1]])  # the rows past n_seq were not used: their gradient stays 0
+
+
+def layer_norm_forward(x, g, b, eps: float = 1e-5):
+    # [..., n_embd] -> out [..., n_embd], and the normalised x_hat [..., n_embd] and 1/std rstd [..., 1]
+    x_hat = x - np.mean(x, axis=-1, keepdims=True)
+    rstd = 1 / np.sqrt(np.mean(np.square(x_hat), axis=-1, keepdims=True) + eps)
+    x_hat *= rstd
+    return x_hat * g + b, x_hat, rstd
+
+
+def layer_norm_backward(dln, dout, x_hat, rstd, g):  # [..., n_embd] -> dx [..., n_embd]; dln {g, b} written
+    rows = tuple(range(dout.ndim - 1))
+    # out = x_hat * g + b
+    np.sum(dout * x_hat, axis=rows, out=dln["g"])
+    np.sum(dout, axis=rows, out=dln["b"])
+    dx_hat = dout * g
+    # x_hat = (x - mean(x)) * rstd: the mean and the variance depend on every x of the row, hence the two means
+    dx = dx_hat - np.mean(dx_hat, axis=-1, keepdims=True)
+    dx_hat *= x_hat
+    dx -= x_hat * np.mean(dx_hat, axis=-1, keepdims=True)
+    dx *= rstd
+    return dx
+
+
+def linear_forward(x, w, b):  # [..., n_in], [n_in, n_out], [n_out] -> [..., n_out]
+    y = x.reshape(-1, x.shape[-1]) @ w  # one 2-D product for the whole batch
+    y += b
+    return y.reshape(*x.shape[:-1], w.shape[-1])
+
+
+def linear_backward(dlinear, dout, x, w):  # [..., n_out] -> dx [..., n_in]; dlinear {w, b} written
+    # y = x @ w + b, with x as one [n_rows, n_in] matrix
+    dout2, x2 = dout.reshape(-1, dout.shape[-1]), x.reshape(-1, x.shape[-1])
+    np.matmul(x2.T, dout2, out=dlinear["w"])
+    np.sum(dout2, axis=0, out=dlinear["b"])
+    return (dout2 @ w.T).reshape(*dout.shape[:-1], w.shape[0])
+
+
+def gelu_forward(x):  # [...] -> gelu(x) [...], and tanh_u [...], the tanh its backward needs again
+    # gelu(x) = 0.5 * x * (1 + tanh(u)), u = sqrt(2 / pi) * (x + 0.044715 * x**3): gpt2.py's tanh form
+    tanh_u = x * x
+    tanh_u *= 0.044715
+    tanh_u += 1
+    tanh_u *= x
+    tanh_u *= GELU_SCALE
+    np.tanh(tanh_u, out=tanh_u)
+    y = tanh_u + 1
+    y *= x
+    y *= 0.5
+    return y, tanh_u
+
+
+def gelu_backward(dout, x, tanh_u):  # [...] -> dx [...]
+    # y = 0.5 * x * (1 + tanh(u)): dy/dx = 0.5 * (1 + tanh(u)) + 0.5 * x * (1 - tanh(u)**2) * du/dx,
+    # du/dx = sqrt(2 / pi) * (1 + 3 * 0.044715 * x**2)
+    du = x * x
+    du *= 3 * 0.044715 * GELU_SCALE
+    du += GELU_SCALE
+    dx = tanh_u * tanh_u
+    np.subtract(1, dx, out=dx)
+    dx *= du
+    dx *= x
+    np.add(dx, tanh_u, out=dx)
+    dx += 1
+    dx *= 0.5
+    dx *= dout
+    return dx
+
+
+def split_heads(qkv, n_head):  # [n_batch, n_seq, 3 * n_embd] -> q, k, v, each a view [n_batch, n_head, n_seq, d]
+    n_batch, n_seq, _ = qkv.shape
+    return qkv.reshape(n_batch, n_seq, 3, n_head, -1).transpose(2, 0, 3, 1, 4)
+
+
+def attention_forward(qkv, n_head):
+    # [n_batch, n_seq, 3 * n_embd] -> heads merged [n_batch, n_seq, n_embd], and att [n_batch, n_head, n_seq, n_seq]
+    q, k, v = split_heads(qkv, n_head)
+    n_batch, _, n_seq, d = q.shape
+    att = q @ k.swapaxes(-1, -2)
+    att *= 1 / math.sqrt(d)
+    att += np.triu(np.full((n_seq, n_seq), -np.inf, np.float32), k=1)  # a position sees itself and those before
+    att -= np.max(att, axis=-1, keepdims=True)
+    np.exp(att, out=att)
+    att /= np.sum(att, axis=-1, keepdims=True)
+    y = np.empty((n_batch, n_seq, n_head, d), np.float32)
+    np.matmul(att, v, out=y.transpose(0, 2, 1, 3))  # each head written straight into its columns of the merge
+    return y.reshape(n_batch, n_seq, n_head * d), att
+
+
+def attention_backward(dout, qkv, att, n_head):  # [n_batch, n_seq, n_embd] -> dqkv [n_batch, n_seq, 3 * n_embd]
+    q, k, v = split_heads(qkv, n_head)
+    n_batch, _, n_seq, d = q.shape
+    dy = dout.reshape(n_batch, n_seq, n_head, d).transpose(0, 2, 1, 3)
+    dqkv = np.empty((n_batch, n_seq, 3 * n_head * d), np.float32)
+    dq, dk, dv = split_heads(dqkv, n_head)
+    # y = att @ v
+    np.matmul(att.swapaxes(-1, -2), dy, out=dv)
+    datt = dy @ v.swapaxes(-1, -2)
+    # att = softmax(scores): dscores = att * (datt - sum(att * datt)); the masked scores have att = 0
+    dscores = datt * att
+    datt -= np.sum(dscores, axis=-1, keepdims=True)
+    np.multiply(att, datt, out=dscores)
+    # scores = q @ k.T / sqrt(d)
+    dscores *= 1 / math.sqrt(d)
+    np.matmul(dscores, k, out=dq)
+    np.matmul(dscores.swapaxes(-1, -2), q, out=dk)
+    return dqkv
+
+
+def block_forward(x, ln_1, attn, ln_2, mlp, n_head):  # [n_batch, n_seq, n_embd] -> same, and what the backward needs
+    saved = {}
+    # x = x + mha(layer_norm(x, **ln_1), **attn)
+    saved["ln_1"], saved["ln_1_hat"], saved["ln_1_rstd"] = layer_norm_forward(x, **ln_1)
+    saved["qkv"] = linear_forward(saved["ln_1"], **attn["c_attn"])
+    saved["heads"], saved["att"] = attention_forward(saved["qkv"], n_head)
+    x = x + linear_forward(saved["heads"], **attn["c_proj"])
+    # x = x + ffn(layer_norm(x, **ln_2), **mlp)
+    saved["ln_2"], saved["ln_2_hat"], saved["ln_2_rstd"] = layer_norm_forward(x, **ln_2)
+    saved["fc"] = linear_forward(saved["ln_2"], **mlp["c_fc"])
+    saved["gelu"], saved["gelu_tanh"] = gelu_forward(saved["fc"])
+    x += linear_forward(saved["gelu"], **mlp["c_proj"])
+    return x, saved
+
+
+def block_backward(dblock, dout, saved, ln_1, attn, ln_2, mlp, n_head):  # [n_batch, n_seq, n_embd] -> dx, same
+    # x = x + ffn(layer_norm(x, **ln_2), **mlp): the residual passes dout on unchanged, the ffn adds its part
+    dgelu = linear_backward(dblock["mlp"]["c_proj"], dout, saved["gelu"], mlp["c_proj"]["w"])
+    dfc = gelu_backward(dgelu, saved["fc"], saved["gelu_tanh"])
+    dln_2 = linear_backward(dblock["mlp"]["c_fc"], dfc, saved["ln_2"], mlp["c_fc"]["w"])
+    dx = dout + layer_norm_backward(dblock["ln_2"], dln_2, saved["ln_2_hat"], saved["ln_2_rstd"], ln_2["g"])
+    # x = x + mha(layer_norm(x, **ln_1), **attn)
+    dheads = linear_backward(dblock["attn"]["c_proj"], dx, saved["heads"], attn["c_proj"]["w"])
+    dqkv = attention_backward(dheads, saved["qkv"], saved["att"], n_head)
+    dln_1 = linear_backward(dblock["attn"]["c_attn"], dqkv, saved["ln_1"], attn["c_attn"]["w"])
+    dx += layer_norm_backward(dblock["ln_1"], dln_1, saved["ln_1_hat"], saved["ln_1_rstd"], ln_1["g"])
+    return dx
+
+
+def cross_entropy_forward(logits, targets):  # [n_rows, n_vocab], [n_rows] -> mean loss, and probs [n_rows, n_vocab]
+    # loss = mean(logsumexp(logits) - logits[target]); the softmax is computed in logits' own buffer
+    rows = np.arange(len(targets))
+    logits -= np.max(logits, axis=-1, keepdims=True)
+    target_logits = logits[rows, targets]
+    probs = np.exp(logits, out=logits)
+    sums = np.sum(probs, axis=-1)
+    probs /= sums[:, None]
+    return float(np.mean(np.log(sums) - target_logits, dtype=np.float64)), probs
+
+
+def cross_entropy_backward(probs, targets):  # [n_rows, n_vocab], [n_rows] -> dlogits [n_rows, n_vocab], in probs
+    # loss = mean(-log softmax(logits)[target]): dlogits = (softmax(logits) - one_hot(target)) / n_rows
+    probs[np.arange(len(targets)), targets] -= 1
+    probs *= 1 / len(targets)
+    return probs
+
+
+def gpt2_forward(inputs, targets, wte, wpe, blocks, ln_f, n_head):  # [n_batch, n_seq] x 2 -> loss, saved
+    saved = {"blocks": []}
+    x = embed_forward(inputs, wte, wpe)
+    for block in blocks:
+        x, saved_block = block_forward(x, **block, n_head=n_head)
+        saved["blocks"].append(saved_block)
+    saved["ln_f"], saved["ln_f_hat"], saved["ln_f_rstd"] = layer_norm_forward(x, **ln_f)
+    final = saved["ln_f"].reshape(-1, wte.shape[1])
+    logits = final @ wte.T  # the output projection is tied to the token embeddings
+    loss, saved["probs"] = cross_entropy_forward(logits, targets.reshape(-1))
+    return loss, saved
+
+
+def gpt2_backward(grads, saved, inputs, targets, wte, wpe, blocks, ln_f, n_head):  # fills grads, a params-shaped tree
+    # loss = cross_entropy(logits, targets)
+    dlogits = cross_entropy_backward(saved["probs"], targets.reshape(-1))
+    # logits = final @ wte.T: the projection's part of wte's gradient; the embedding's is added last
+    final = saved["ln_f"].reshape(-1, wte.shape[1])
+    np.matmul(dlogits.T, final, out=grads["wte"])
+    dfinal = (dlogits @ wte).reshape(saved["ln_f"].shape)
+    # final = layer_norm(x, **ln_f)
+    dx = layer_norm_backward(grads["ln_f"], dfinal, saved["ln_f_hat"], saved["ln_f_rstd"], ln_f["g"])
+    # for block in blocks: x = transformer_block(x, **block)
+    for dblock, saved_block, block in reversed(list(zip(grads["blocks"], saved["blocks"], blocks))):
+        dx = block_backward(dblock, dx, saved_block, **block, n_head=n_head)
+    # x = wte[inputs] + wpe[:n_seq]
+    embed_backward(grads["wte"], grads["wpe"], dx, inputs)
+
+
+def check_batch(inputs, targets, params):  # the mistakes a caller can make with a batch, as GPT2Error
+    inputs, targets = np.asarray(inputs), np.asarray(targets)
+    (n_vocab, _), (n_ctx, _) = params["wte"].shape, params["wpe"].shape
+    if inputs.ndim != 2 or inputs.shape != targets.shape or inputs.size == 0:
+        raise GPT2Error(f"inputs and targets must be integer arrays of one shape [n_batch, n_seq], "
+                        f"got {inputs.shape} and {targets.shape}")
+    if inputs.shape[1] > n_ctx:
+        raise GPT2Error(f"inputs have {inputs.shape[1]} positions but this model's context holds {n_ctx}")
+    for name, ids in (("inputs", inputs), ("targets", targets)):
+        if not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 or ids.max() >= n_vocab:
+            raise GPT2Error(f"{name} must be token ids from 0 to {n_vocab - 1}")
+    return inputs, targets
+
+
+def loss(inputs, targets, params, n_head):  # [n_batch, n_seq] x 2 -> mean cross-entropy, a float
+    inputs, targets = check_batch(inputs, targets, params)
+    return gpt2_forward(inputs, targets, **params, n_head=n_head)[0]
+
+
+def loss_and_grads(inputs, targets, params, n_head):  # [n_batch, n_seq] x 2 -> mean loss, grads shaped as params
+    inputs, targets = check_batch(inputs, targets, params)
+    loss_value, saved = gpt2_forward(inputs, targets, **params, n_head=n_head)
+    grads = tree_map(lambda a: np.zeros(a.shape, np.float32), params)
+    gpt2_backward(grads, saved, inputs, targets, **params, n_head=n_head)
+    return loss_value, grads

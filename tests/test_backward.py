@@ -1,0 +1,122 @@
+"""The loss and every gradient of backward.py, held against Hugging Face's GPT2LMHeadModel and PyTorch autograd.
+
+Both sides compute in float32. Every gradient tensor must be within 1e-5 of autograd's, absolute, element by
+element: the gradients here are up to about 0.4 in size, and float32 keeps 7 digits, so sums over a few hundred
+positions honestly differ by about 1e-6 (the largest difference seen is 1.4e-6), ten times inside the bound.
+"""
+import numpy as np
+import pytest
+import torch
+
+from backward import loss, loss_and_grads
+from checkpoint import GPT2Error
+from params import hf_name, layout, leaves, tree_map
+
+GRAD_ATOL = 1e-5
+LOSS_RTOL = 1e-6  # the loss is one number of size 5 to 15 averaged in float64 from float32 rows
+
+
+def batch(hparams, n_batch, n_seq, n_ids=None, seed=0):  # -> inputs, targets, each [n_batch, n_seq]
+    # n_ids draws the ids from the first n_ids of the vocabulary only, so that many of them repeat
+    rng = np.random.default_rng(seed)
+    inputs = rng.integers(0, n_ids or hparams["n_vocab"], (n_batch, n_seq))
+    return inputs, rng.integers(0, hparams["n_vocab"], (n_batch, n_seq))
+
+
+def torch_loss_and_grads(model, inputs, targets):  # -> HF's loss, {hf name: autograd's gradient}
+    # Hugging Face shifts labels itself (position t is scored against labels[t + 1]); shift_labels gives it targets
+    # already aligned, position t against targets[t], as ours are
+    targets = torch.tensor(targets)
+    out = model(input_ids=torch.tensor(inputs), labels=targets, shift_labels=targets)
+    named = dict(model.named_parameters())  # lm_head.weight is wte's very tensor: listed once, as wte
+    grads = torch.autograd.grad(out.loss, list(named.values()))
+    return out.loss.item(), {name.removeprefix("transformer."): g.numpy() for name, g in zip(named, grads)}
+
+
+CASES = {  # shape, n_batch, n_seq, ids drawn from how many
+    "tiny, full block, repeated ids": ("tiny", 3, 32, 10),
+    "12 heads, full block": ("h12", 2, 128, None),
+    "wide, part of the block": ("wide", 4, 9, None),
+    "byte-level, GPT-2 init, full block": ("byte", 4, 64, None),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_loss_and_every_gradient_equal_pytorch_autograd(case, training_reference):
+    name, n_batch, n_seq, n_ids = CASES[case]
+    hparams, params, model = training_reference(name)
+    inputs, targets = batch(hparams, n_batch, n_seq, n_ids)
+    expected_loss, expected = torch_loss_and_grads(model, inputs, targets)
+
+    ours_loss, grads = loss_and_grads(inputs, targets, params, hparams["n_head"])
+    assert isinstance(ours_loss, float)
+    assert abs(ours_loss - expected_loss) <= LOSS_RTOL * expected_loss
+    assert tree_map(np.shape, grads) == layout(hparams)
+    assert {hf_name(path) for path, _ in leaves(grads)} == set(expected)
+    for path, grad in leaves(grads):
+        assert grad.dtype == np.float32 and grad.flags.c_contiguous, path
+        assert np.abs(grad - expected[hf_name(path)]).max() <= GRAD_ATOL, path
+    assert loss(inputs, targets, params, hparams["n_head"]) == ours_loss
+
+
+def test_tied_wte_gradient_is_the_embeddings_part_plus_the_projections(training_reference):
+    hparams, params, model = training_reference("tiny")
+    inputs, targets = batch(hparams, 2, 16, n_ids=5)  # each of 5 ids fed in about 6 times
+    _, grads = loss_and_grads(inputs, targets, params, hparams["n_head"])
+
+    # autograd with wte's two uses cut apart: the embedding lookup as a leaf of its own, the projection as wte
+    wte = model.transformer.wte.weight
+    looked_up = wte.detach()[torch.tensor(inputs)].requires_grad_()
+    labels = torch.tensor(targets)
+    out = model(inputs_embeds=looked_up, labels=labels, shift_labels=labels)
+    projection_part, dlooked_up = torch.autograd.grad(out.loss, [wte, looked_up])
+    embedding_part = torch.zeros_like(wte).index_add_(0, torch.tensor(inputs).flatten(), dlooked_up.flatten(0, 1))
+
+    assert model.lm_head.weight is wte
+    # both parts large against the tolerance: leaving out either, or keeping one row per repeated id, would show
+    assert projection_part.abs().max() > 100 * GRAD_ATOL and embedding_part.abs().max() > 100 * GRAD_ATOL
+    assert np.abs(grads["wte"] - (projection_part + embedding_part).numpy()).max() <= GRAD_ATOL
+
+
+def test_read_only_and_transposed_params_give_the_same_gradients(training_reference):
+    # the loader hands out read-only memory maps, and weight matrices may be views of transposed storage
+    hparams, params, _ = training_reference("wide")
+    inputs, targets = batch(hparams, 2, 16, seed=1)
+    expected_loss, expected = loss_and_grads(inputs, targets, params, hparams["n_head"])
+
+    def read_only_view(a):
+        view = np.asfortranarray(a) if a.ndim == 2 else a.copy()
+        view.flags.writeable = False
+        return view
+
+    frozen = tree_map(read_only_view, params)
+    assert not frozen["blocks"][0]["attn"]["c_attn"]["w"].flags.c_contiguous
+    ours_loss, grads = loss_and_grads(inputs, targets, frozen, hparams["n_head"])
+    assert ours_loss == pytest.approx(expected_loss, rel=1e-6)
+    for (path, grad), (_, want) in zip(leaves(grads), leaves(expected)):
+        assert grad.flags.c_contiguous and np.abs(grad - want).max() <= GRAD_ATOL, path
+
+
+def test_loss_and_grads_leave_params_and_ids_untouched(training_reference):
+    hparams, params, _ = training_reference("tiny")
+    before = tree_map(np.copy, params)
+    inputs, targets = batch(hparams, 2, 8)
+    ids_before = inputs.copy(), targets.copy()
+    loss_and_grads(inputs, targets, params, hparams["n_head"])
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(leaves(params), leaves(before)))
+    assert np.array_equal(inputs, ids_before[0]) and np.array_equal(targets, ids_before[1])
+
+
+@pytest.mark.parametrize("inputs, targets, message", [
+    (np.zeros((2, 33), int), np.zeros((2, 33), int), "context holds 32"),
+    (np.zeros((2, 8), int), np.zeros((2, 7), int), "one shape"),
+    (np.zeros(8, int), np.zeros(8, int), "one shape"),
+    (np.full((1, 4), 50257), np.zeros((1, 4), int), "inputs must be token ids from 0 to 50256"),
+    (np.zeros((1, 4), int), np.full((1, 4), -1), "targets must be token ids"),
+    (np.zeros((1, 4)), np.zeros((1, 4), int), "inputs must be token ids"),
+])
+def test_a_bad_batch_is_a_clear_error(inputs, targets, message, training_reference):
+    hparams, params, _ = training_reference("tiny")
+    for fn in (loss, loss_and_grads):
+        with pytest.raises(GPT2Error, match=message):
+            fn(inputs, targets, params, hparams["n_head"])
