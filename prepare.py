@@ -31,15 +31,14 @@ def char_class(char):
 
 
 def last_safe_cut(text, start=1):
-    """The largest i in [start, len(text)) where text[:i] and text[i:] encode to exactly the ids of text, else 0.
+    """The largest i in [start, len(text)) where text[:i] and text[i:] encoded apart give the ids of text, else 0.
 
-    A pre-token is a contraction ('s 't 're 've 'm 'll 'd: an apostrophe, then letters), a run of one class
-    (letters, numbers or other symbols) with at most one space in front, or a run of whitespace. So two
-    neighbouring characters can share a pre-token only if they are of one class, or the first is whitespace
-    (" word"; and "\\s+(?!\\S)" leaves a run's last space to the word after it), or an apostrophe is followed
-    by a letter. Between any other two a pre-token ends, and the pattern decides it from the characters up to
-    the second one: the first of text[i:], which text[:i] lacks, yet cannot change, since no pre-token ends
-    differently at the end of a text than before a character of another class or before whitespace.
+    GPT-2's pre-tokens are contractions ('s 't 're 've 'm 'll 'd: an apostrophe, then letters), runs of one class
+    (letters, numbers or other symbols) with at most one space in front, and runs of whitespace. So two neighbouring
+    characters can share a pre-token only if they are of one class, or the first is whitespace (" word"; and
+    "\\s+(?!\\S)" leaves a run's last space to the word after it), or an apostrophe comes before a letter. Between
+    any other two a pre-token ends, and the pattern matches alike whether the text stops there or goes on with
+    whitespace or a character of another class: text[:i] encodes alone as it does within text.
     """
     for i in range(len(text) - 1, max(start, 1) - 1, -1):
         before, after = char_class(text[i - 1]), char_class(text[i])
@@ -63,7 +62,7 @@ def encode_file(text_path, encoder, tokens_path, read_bytes=READ_BYTES):
         raise GPT2Error(f"cannot read {text_path} ({e.strerror}): give the path of a text file") from None
     if size == 0:
         raise GPT2Error(f"{text_path} is empty: give a text to train on")
-    temporary = tokens_path.with_name(f"{tokens_path.name}.{os.getpid()}")
+    temporary = tokens_path.with_name(f"{tokens_path.name}.part")  # a fixed name: a killed run's is overwritten
     utf8 = codecs.getincrementaldecoder("utf-8")()
     n_tokens, n_read, pending = 0, 0, ""
     try:

@@ -114,7 +114,8 @@ def main(data: str | None = None, out_dir="out", init_from=SCRATCH, resume=False
     # disable=None: the bar only on a terminal; a log or a pipe gets log.jsonl's lines instead
     bar = tqdm(total=max_iters, initial=min(step, max_iters), desc="training", unit="step", file=sys.stderr,
                disable=None)
-    with log, bar, deferred_interrupt() as interrupted:
+    # np.errstate: a loss that overflows to NaN is caught by stop_unless_finite, which says what to do about it
+    with log, bar, deferred_interrupt() as interrupted, np.errstate(all="ignore"):
         while True:
             if step % eval_interval == 0 or step == max_iters:
                 report = evaluate(params, n_head, train_tokens, val_tokens, batch_size, block_size, eval_iters, seed)

@@ -8,6 +8,7 @@ import functools
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -29,6 +30,28 @@ SHAPES = {
     "h12": dict(n_vocab=50257, n_ctx=128, n_embd=96, n_head=12, n_layer=3),
     "wide": dict(n_vocab=50257, n_ctx=16, n_embd=128, n_head=2, n_layer=1),
 }
+
+
+# Nothing listens on port 1: a run that tries to download fails at once instead of reaching the network.
+OFFLINE = dict(os.environ, GPT2_BASE_URL="http://127.0.0.1:1")
+
+
+def run_script(script, *args, stdin=None):
+    """Run one of the project's command lines in a subprocess, offline; -> the CompletedProcess."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *map(str, args)],
+        capture_output=True, text=True, encoding="utf-8", input=stdin, env=OFFLINE, timeout=300,
+    )
+
+
+def assert_clean_error(result, *words):
+    """A user mistake ends in one line on stderr that names the problem, and a non-zero exit."""
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for word in words:
+        assert word in lines[0]
 
 
 def tokenizer_files_dir():
@@ -193,3 +216,45 @@ def loaded_model(fixture_model):
         return load_encoder_hparams_and_params(model_dir=str(model_dir))
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiktoken_gpt2(vocab_dir):
+    """tiktoken's gpt2 Encoding, made from the local files: tiktoken.get_encoding("gpt2") would download them.
+
+    data_gym_to_mergeable_bpe_ranks reads a path without "://" with open(); it also checks that the
+    two files agree. An empty TIKTOKEN_CACHE_DIR stops it reading or writing its copy in /tmp, and
+    sockets refuse to connect while it runs, so a network fetch could not pass unnoticed.
+    """
+    import socket
+
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    def refuse(*args):
+        raise AssertionError("building the reference tried to use the network")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TIKTOKEN_CACHE_DIR", "")
+        mp.setattr(socket.socket, "connect", refuse)
+        ranks = data_gym_to_mergeable_bpe_ranks(str(vocab_dir / "vocab.bpe"), str(vocab_dir / "encoder.json"))
+    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
+
+
+# train.py's flags for a model that trains in well under a second: 2 layers, 32 wide, 16 positions, 4 steps
+TINY_RUN = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=4, max_iters=4, warmup_iters=2,
+                lr_decay_iters=8, eval_interval=2, eval_iters=2, sample_tokens=8)
+
+
+@pytest.fixture(scope="session")
+def training_text(tmp_path_factory):
+    """A 12 kB UTF-8 text to train on: English verse with Chinese, emoji and runs of whitespace among it."""
+    lines = ["To be, or not to be, that is the question:", "Whether 'tis nobler in the mind to suffer",
+             "我能吞下玻璃而不伤身体。", "The slings and arrows of outrageous fortune 🎭🗡️,", "    \t  ",
+             "Or to take arms against a sea of troubles", "And by opposing end them. 😀 It's what we'll do."]
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("text") / "input.txt"
+    path.write_text("\n".join(rng.choice(lines, 400)) + "\n", encoding="utf-8")
+    return path

@@ -3,7 +3,6 @@
 What each run should print is computed here through the Python API on the same model folder.
 """
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -12,30 +11,12 @@ import sys
 import pytest
 
 import gpt2
-from conftest import ROOT
+from conftest import OFFLINE, ROOT, assert_clean_error
+from conftest import run_script as run
 from utils import load_encoder_hparams_and_params
 
 TURING = "Alan Turing theorized that computers would one day become"
 SCRIPTS = ["gpt2.py", "gpt2_pico.py"]
-# Nothing listens on port 1: a run that tries to download fails at once instead of reaching the network.
-OFFLINE = dict(os.environ, GPT2_BASE_URL="http://127.0.0.1:1")
-
-
-def run(script, *args, stdin=None):
-    return subprocess.run(
-        [sys.executable, str(ROOT / script), *map(str, args)],
-        capture_output=True, text=True, encoding="utf-8", input=stdin, env=OFFLINE, timeout=300,
-    )
-
-
-def assert_clean_error(result, *words):
-    """A user mistake ends in one line on stderr that names the problem, and a non-zero exit."""
-    assert result.returncode != 0, result.stdout
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for word in words:
-        assert word in lines[0]
 
 
 @pytest.fixture(scope="module")
