@@ -66,8 +66,8 @@ def linear_backward(dlinear, dout, x, w):  # [..., n_out] -> dx [..., n_in]; dli
 
 
 def gelu_forward(x):  # [...] -> gelu(x) [...], and exp_2u [...], the exp(-2 u) its backward needs again
-    # gelu(x) = 0.5 * x * (1 + tanh(u)), u = sqrt(2 / pi) * (x + 0.044715 * x**3): gpt2.py's tanh form, computed as
-    # x * sigmoid(2 u), the same function (0.5 * (1 + tanh(u)) = sigmoid(2 u)), because NumPy's exp is faster than its tanh
+    # gelu(x) = 0.5 * x * (1 + tanh(u)), u = sqrt(2 / pi) * (x + 0.044715 * x**3): gpt2.py's tanh form, computed
+    # as x * sigmoid(2 u), the same function (0.5 * (1 + tanh(u)) = sigmoid(2 u)): NumPy's exp is faster than tanh
     exp_2u = x * x
     exp_2u *= -2 * GELU_SCALE * 0.044715
     exp_2u -= 2 * GELU_SCALE
@@ -184,12 +184,14 @@ def cross_entropy_backward(probs, targets):  # [n_rows, n_vocab], [n_rows] -> dl
     return probs
 
 
-def gpt2_forward(inputs, targets, wte, wpe, blocks, ln_f, n_head):  # [n_batch, n_seq] x 2 -> loss, saved
+def gpt2_forward(inputs, targets, wte, wpe, blocks, ln_f, n_head, for_backward=True):
+    # [n_batch, n_seq] ids, [n_batch, n_seq] next ids -> the mean loss, and the activations gpt2_backward reads
     saved = {"blocks": []}
     x = embed_forward(inputs, wte, wpe)
     for block in blocks:
         x, saved_block = block_forward(x, **block, n_head=n_head)
-        saved["blocks"].append(saved_block)
+        if for_backward:  # else each block's activations are freed as soon as the next block has run
+            saved["blocks"].append(saved_block)
     saved["ln_f"], saved["ln_f_hat"], saved["ln_f_rstd"] = layer_norm_forward(x, **ln_f)
     final = saved["ln_f"].reshape(-1, wte.shape[1])
     logits = final @ wte.T  # the output projection is tied to the token embeddings
@@ -229,7 +231,7 @@ def check_batch(inputs, targets, params):  # the mistakes a caller can make with
 
 def loss(inputs, targets, params, n_head):  # [n_batch, n_seq] x 2 -> mean cross-entropy, a float
     inputs, targets = check_batch(inputs, targets, params)
-    return gpt2_forward(inputs, targets, **params, n_head=n_head)[0]
+    return gpt2_forward(inputs, targets, **params, n_head=n_head, for_backward=False)[0]
 
 
 def loss_and_grads(inputs, targets, params, n_head):  # [n_batch, n_seq] x 2 -> mean loss, grads shaped as params
