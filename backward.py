@@ -65,33 +65,34 @@ def linear_backward(dlinear, dout, x, w):  # [..., n_out] -> dx [..., n_in]; dli
     return (dout2 @ w.T).reshape(*dout.shape[:-1], w.shape[0])
 
 
-def gelu_forward(x):  # [...] -> gelu(x) [...], and tanh_u [...], the tanh its backward needs again
-    # gelu(x) = 0.5 * x * (1 + tanh(u)), u = sqrt(2 / pi) * (x + 0.044715 * x**3): gpt2.py's tanh form
-    tanh_u = x * x
-    tanh_u *= 0.044715
-    tanh_u += 1
-    tanh_u *= x
-    tanh_u *= GELU_SCALE
-    np.tanh(tanh_u, out=tanh_u)
-    y = tanh_u + 1
-    y *= x
-    y *= 0.5
-    return y, tanh_u
+def gelu_forward(x):  # [...] -> gelu(x) [...], and exp_2u [...], the exp(-2 u) its backward needs again
+    # gelu(x) = 0.5 * x * (1 + tanh(u)), u = sqrt(2 / pi) * (x + 0.044715 * x**3): gpt2.py's tanh form, computed
+    # as x * sigmoid(2 u), the same function (0.5 * (1 + tanh(u)) = sigmoid(2 u)): NumPy's exp is faster than tanh
+    exp_2u = x * x
+    exp_2u *= -2 * GELU_SCALE * 0.044715
+    exp_2u -= 2 * GELU_SCALE
+    exp_2u *= x
+    np.minimum(exp_2u, 80, out=exp_2u)  # exp(80) still fits float32, and sigmoid(-80) = 2e-35 is 0 to gelu
+    np.exp(exp_2u, out=exp_2u)
+    y = exp_2u + 1
+    np.divide(x, y, out=y)  # x * sigmoid(2 u) = x / (1 + exp(-2 u))
+    return y, exp_2u
 
 
-def gelu_backward(dout, x, tanh_u):  # [...] -> dx [...]
-    # y = 0.5 * x * (1 + tanh(u)): dy/dx = 0.5 * (1 + tanh(u)) + 0.5 * x * (1 - tanh(u)**2) * du/dx,
-    # du/dx = sqrt(2 / pi) * (1 + 3 * 0.044715 * x**2)
-    du = x * x
-    du *= 3 * 0.044715 * GELU_SCALE
-    du += GELU_SCALE
-    dx = tanh_u * tanh_u
-    np.subtract(1, dx, out=dx)
-    dx *= du
+def gelu_backward(dout, x, exp_2u):  # [...] -> dx [...]
+    # y = x * sig, sig = sigmoid(2 u) = 1 / (1 + exp(-2 u)): dy/dx = sig + x * sig * (1 - sig) * 2 du/dx,
+    # du/dx = sqrt(2 / pi) * (1 + 3 * 0.044715 * x**2); 1 - sig is computed as exp(-2 u) * sig, which keeps
+    # its digits where sig is near 1
+    sig = exp_2u + 1
+    np.reciprocal(sig, out=sig)
+    dx = x * x
+    dx *= 2 * GELU_SCALE * 3 * 0.044715
+    dx += 2 * GELU_SCALE
     dx *= x
-    np.add(dx, tanh_u, out=dx)
+    dx *= exp_2u
+    dx *= sig
     dx += 1
-    dx *= 0.5
+    dx *= sig
     dx *= dout
     return dx
 
@@ -146,7 +147,7 @@ def block_forward(x, ln_1, attn, ln_2, mlp, n_head):  # [n_batch, n_seq, n_embd]
     # x = x + ffn(layer_norm(x, **ln_2), **mlp)
     saved["ln_2"], saved["ln_2_hat"], saved["ln_2_rstd"] = layer_norm_forward(x, **ln_2)
     saved["fc"] = linear_forward(saved["ln_2"], **mlp["c_fc"])
-    saved["gelu"], saved["gelu_tanh"] = gelu_forward(saved["fc"])
+    saved["gelu"], saved["gelu_exp_2u"] = gelu_forward(saved["fc"])
     x += linear_forward(saved["gelu"], **mlp["c_proj"])
     return x, saved
 
@@ -154,7 +155,7 @@ def block_forward(x, ln_1, attn, ln_2, mlp, n_head):  # [n_batch, n_seq, n_embd]
 def block_backward(dblock, dout, saved, ln_1, attn, ln_2, mlp, n_head):  # [n_batch, n_seq, n_embd] -> dx, same
     # x = x + ffn(layer_norm(x, **ln_2), **mlp): the residual passes dout on unchanged, the ffn adds its part
     dgelu = linear_backward(dblock["mlp"]["c_proj"], dout, saved["gelu"], mlp["c_proj"]["w"])
-    dfc = gelu_backward(dgelu, saved["fc"], saved["gelu_tanh"])
+    dfc = gelu_backward(dgelu, saved["fc"], saved["gelu_exp_2u"])
     dln_2 = linear_backward(dblock["mlp"]["c_fc"], dfc, saved["ln_2"], mlp["c_fc"]["w"])
     dx = dout + layer_norm_backward(dblock["ln_2"], dln_2, saved["ln_2_hat"], saved["ln_2_rstd"], ln_2["g"])
     # x = x + mha(layer_norm(x, **ln_1), **attn)
@@ -183,12 +184,14 @@ def cross_entropy_backward(probs, targets):  # [n_rows, n_vocab], [n_rows] -> dl
     return probs
 
 
-def gpt2_forward(inputs, targets, wte, wpe, blocks, ln_f, n_head):  # [n_batch, n_seq] x 2 -> loss, saved
+def gpt2_forward(inputs, targets, wte, wpe, blocks, ln_f, n_head, for_backward=True):
+    # [n_batch, n_seq] ids, [n_batch, n_seq] next ids -> the mean loss, and the activations gpt2_backward reads
     saved = {"blocks": []}
     x = embed_forward(inputs, wte, wpe)
     for block in blocks:
         x, saved_block = block_forward(x, **block, n_head=n_head)
-        saved["blocks"].append(saved_block)
+        if for_backward:  # else each block's activations are freed as soon as the next block has run
+            saved["blocks"].append(saved_block)
     saved["ln_f"], saved["ln_f_hat"], saved["ln_f_rstd"] = layer_norm_forward(x, **ln_f)
     final = saved["ln_f"].reshape(-1, wte.shape[1])
     logits = final @ wte.T  # the output projection is tied to the token embeddings
@@ -228,7 +231,7 @@ def check_batch(inputs, targets, params):  # the mistakes a caller can make with
 
 def loss(inputs, targets, params, n_head):  # [n_batch, n_seq] x 2 -> mean cross-entropy, a float
     inputs, targets = check_batch(inputs, targets, params)
-    return gpt2_forward(inputs, targets, **params, n_head=n_head)[0]
+    return gpt2_forward(inputs, targets, **params, n_head=n_head, for_backward=False)[0]
 
 
 def loss_and_grads(inputs, targets, params, n_head):  # [n_batch, n_seq] x 2 -> mean loss, grads shaped as params

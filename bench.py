@@ -290,7 +290,7 @@ def table(title, spec, ours, others):
     return lines
 
 
-def main(model_size="124M", model_dir=None, models_dir="bench-models", n_new=128, threads=2):
+def main(model_size="124M", model_dir=None, models_dir="bench-models", n_new=128, threads=2, train=False, runs=3):
     """Time this project's GPT-2 against the other engines installed, on one checkpoint; print a markdown table.
 
     Args:
@@ -299,7 +299,11 @@ def main(model_size="124M", model_dir=None, models_dir="bench-models", n_new=128
         models_dir: where built checkpoints, and the copies the other engines load, are kept.
         n_new: how many tokens the decode and batch rows generate.
         threads: the thread count every engine gets.
+        train: time a training step instead, ours against PyTorch's, for the baby GPT and 124M fine-tuning.
+        runs: with train, how many times each engine runs, interleaved; the table has the medians.
     """
+    if train:
+        return train_main(threads, runs)
     if model_dir is None:
         if model_size not in SIZES:
             sys.exit(f"error: unknown model size {model_size!r}: choose one of {', '.join(SIZES)}")
@@ -346,8 +350,117 @@ def main(model_size="124M", model_dir=None, models_dir="bench-models", n_new=128
               f"of the long prompt; its generated tokens equal ours in: {', '.join(same) or 'none'}.")
 
 
+# Training: one optimizer step (forward, backward, gradient clipping, AdamW) of ours against PyTorch's, from the same
+# initial weights on the same batches. Name in the table -> the model's shape, batch rows, positions, steps timed.
+TRAIN_SETUPS = {
+    "baby GPT (4 layers, 4 heads, 128 wide, vocabulary 257), batch 12 x 64":
+        (dict(n_vocab=257, n_ctx=64, n_embd=128, n_head=4, n_layer=4), 12, 64, 20),
+    "GPT-2 124M fine-tuning, batch 4 x 64": (dict(SIZES["124M"], n_vocab=50257, n_ctx=1024), 4, 64, 5),
+}
+TRAIN_SETTINGS = dict(learning_rate=6e-4, weight_decay=0.1, grad_clip=1.0, warmup_steps=2)
+
+
+def time_train_steps(spec, step):  # step(inputs, targets) -> loss; -> ms per step (median), the losses, peak RSS
+    rng = np.random.default_rng(0)
+    n_vocab, n_steps = spec["hparams"]["n_vocab"], TRAIN_SETTINGS["warmup_steps"] + spec["n_steps"]
+    times, losses = [], []
+    for inputs, targets in rng.integers(0, n_vocab, (n_steps, 2, spec["n_batch"], spec["n_seq"])):
+        start = time.perf_counter()
+        losses.append(step(inputs, targets))
+        times.append(time.perf_counter() - start)
+    return dict(step_ms=1000 * statistics.median(times[TRAIN_SETTINGS["warmup_steps"]:]), losses=losses,
+                rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def train_ours(spec):
+    from backward import loss_and_grads
+    from optim import adamw_init, adamw_step, clip_grad_norm
+    from params import init_params
+
+    params, n_head = init_params(spec["hparams"], seed=0), spec["hparams"]["n_head"]
+    state = adamw_init(params)
+
+    def step(inputs, targets):
+        loss, grads = loss_and_grads(inputs, targets, params, n_head)
+        clip_grad_norm(grads, TRAIN_SETTINGS["grad_clip"])
+        adamw_step(params, grads, state, TRAIN_SETTINGS["learning_rate"], weight_decay=TRAIN_SETTINGS["weight_decay"])
+        return loss
+
+    return time_train_steps(spec, step)
+
+
+def train_torch(spec):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from params import hf_name, init_params
+    from utils import HF_HPARAMS
+
+    torch.set_num_threads(spec["threads"])
+    config = GPT2Config(**{theirs: spec["hparams"][ours] for ours, theirs in HF_HPARAMS.items()},
+                        activation_function="gelu_new", layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0,
+                        attn_pdrop=0.0)
+    model = GPT2LMHeadModel(config).train()
+    with torch.no_grad():  # our initial weights, so that the two engines' losses can be compared
+        for path, array in leaves(init_params(spec["hparams"], seed=0)):
+            model.get_parameter(f"transformer.{hf_name(path)}").copy_(torch.from_numpy(array))
+    decayed = [p for p in model.parameters() if p.dim() >= 2]  # nanoGPT's two groups, as optim.adamw_step has them
+    optimizer = torch.optim.AdamW([{"params": decayed, "weight_decay": TRAIN_SETTINGS["weight_decay"]},
+                                   {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}],
+                                  lr=TRAIN_SETTINGS["learning_rate"], betas=(0.9, 0.95), eps=1e-8)
+
+    def step(inputs, targets):
+        optimizer.zero_grad(set_to_none=True)
+        targets = torch.from_numpy(targets)
+        # shift_labels: targets are already next tokens (labels alone would be shifted by one more)
+        loss = model(input_ids=torch.from_numpy(inputs), labels=targets, shift_labels=targets).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), TRAIN_SETTINGS["grad_clip"])
+        optimizer.step()
+        return loss.item()
+
+    return dict(time_train_steps(spec, step), detail=f"{config._attn_implementation} attention")
+
+
+def train_main(threads=2, runs=3):
+    """Time one training step of ours and of PyTorch, each engine in its own process, runs times interleaved."""
+    engines = {"ours (NumPy)": "train_ours", "PyTorch (GPT2LMHeadModel + torch.optim.AdamW, eager)": "train_torch"}
+    started, cpu_before, loads = time.perf_counter(), cpu_seconds(), []
+    rows = []
+    for title, (hparams, n_batch, n_seq, n_steps) in TRAIN_SETUPS.items():
+        spec = dict(hparams=hparams, n_batch=n_batch, n_seq=n_seq, n_steps=n_steps, threads=threads)
+        results = {name: [] for name in engines}
+        for run in range(runs):
+            for name, task in engines.items():
+                note(f"{title}: {name}, run {run + 1} of {runs}")
+                results[name].append(child(task, spec))
+                loads.append(Path("/proc/loadavg").read_text().split()[0])
+        rows.append((title, results))
+    machine_busy, bench_busy = (after - before for after, before in zip(cpu_seconds(), cpu_before))
+    note(f"benchmarks took {time.perf_counter() - started:.0f} s")
+    print("\n".join([*machine(), f"Other processes used {machine_busy - bench_busy:.0f} CPU-seconds during the run "
+                     f"(trust it if near 0); 1-minute load average after each process: {' '.join(loads)}"]), end="\n\n")
+    names = list(engines)
+    print(f"| training step: forward, backward, clipping, AdamW; float32, {threads} threads | better | "
+          f"{' | '.join(names)} | ours / PyTorch |")
+    print("|---" * (len(names) + 3) + "|")
+    for title, results in rows:
+        step_ms = [statistics.median(r["step_ms"] for r in results[name]) for name in names]
+        rss = [statistics.median(r["rss_mib"] for r in results[name]) for name in names]
+        runs_ms = ["/".join(f"{r['step_ms']:.0f}" for r in results[name]) for name in names]
+        print(f"| {title}: ms per step (median of {runs} runs: {'; '.join(runs_ms)}) | lower | "
+              f"{' | '.join(f'{ms:.0f}' for ms in step_ms)} | {step_ms[0] / step_ms[1]:.2f} |")
+        print(f"| {title}: peak RSS (MiB) | lower | {' | '.join(f'{m:.0f}' for m in rss)} | {rss[0] / rss[1]:.2f} |")
+    print()
+    for title, results in rows:
+        ours, theirs = results[names[0]][0]["losses"], results[names[1]][0]["losses"]
+        print(f"{title}: the largest relative difference between the two engines' losses over {len(ours)} steps is "
+              f"{max(abs(a - b) / b for a, b in zip(ours, theirs)):.1e} (PyTorch with {results[names[1]][0]['detail']}).")
+
+
 TASKS = dict(write_random=write_random, write_hf=write_hf, write_gguf=write_gguf,
-             ours=run_ours, hf=run_hf, llama=run_llama)
+             ours=run_ours, hf=run_hf, llama=run_llama,
+             train_ours=train_ours, train_torch=train_torch)
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["worker"]:

@@ -120,3 +120,29 @@ def test_a_bad_batch_is_a_clear_error(inputs, targets, message, training_referen
     for fn in (loss, loss_and_grads):
         with pytest.raises(GPT2Error, match=message):
             fn(inputs, targets, params, hparams["n_head"])
+
+
+def test_gelu_and_its_gradient_are_as_accurate_as_pytorchs_own_in_float32():
+    # from far left (where exp(-2u) would overflow) to far right, against Hugging Face's gelu_new in float64
+    import warnings
+
+    from transformers.activations import NewGELUActivation
+
+    from backward import gelu_backward, gelu_forward
+
+    x = np.linspace(-30, 30, 100_001, dtype=np.float32)
+
+    def hugging_face(dtype):  # -> gelu_new(x), its gradient
+        tx = torch.tensor(x, dtype=dtype, requires_grad=True)
+        y = NewGELUActivation()(tx)
+        y.backward(torch.ones_like(tx))
+        return y.detach().double().numpy(), tx.grad.double().numpy()
+
+    (exact, exact_grad), (theirs, their_grad) = hugging_face(torch.float64), hugging_face(torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow
+        y, exp_2u = gelu_forward(x)
+        grad = gelu_backward(np.ones_like(x), x, exp_2u)
+    assert y.dtype == grad.dtype == np.float32
+    assert np.abs(y - exact).max() <= 2 * np.abs(theirs - exact).max() <= 2e-6
+    assert np.abs(grad - exact_grad).max() <= 2 * np.abs(their_grad - exact_grad).max() <= 2e-6

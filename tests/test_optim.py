@@ -84,7 +84,8 @@ def test_ten_adamw_steps_with_clipping_warmup_and_decay_equal_torch(training_ref
 def test_adamw_step_equals_torch_across_chunk_edges():
     # tensors longer than one chunk of the in-place update, of lengths no chunk divides, one decayed (2-D)
     rng = np.random.default_rng(0)
-    params = {"w": rng.normal(size=(333, 777)).astype(np.float32), "b": rng.normal(size=2 * CHUNK + 5).astype(np.float32)}
+    params = {"w": rng.normal(size=(333, 777)).astype(np.float32),
+              "b": rng.normal(size=2 * CHUNK + 5).astype(np.float32)}
     assert all(a.size > CHUNK and a.size % CHUNK for a in params.values())
     theirs = {name: torch.nn.Parameter(torch.tensor(a)) for name, a in params.items()}
     optimizer = torch_adamw(list(theirs.items()), weight_decay=0.1, lr=1e-2)
