@@ -391,12 +391,14 @@ def train_ours(spec):
 
 def train_torch(spec):
     import torch
+    import transformers
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from params import hf_name, init_params
     from utils import HF_HPARAMS
 
     torch.set_num_threads(spec["threads"])
+    transformers.logging.set_verbosity_error()  # a vocabulary of 257 has no id 50256 for its default end-of-text
     config = GPT2Config(**{theirs: spec["hparams"][ours] for ours, theirs in HF_HPARAMS.items()},
                         activation_function="gelu_new", layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0,
                         attn_pdrop=0.0)
@@ -454,8 +456,9 @@ def train_main(threads=2, runs=3):
     print()
     for title, results in rows:
         ours, theirs = results[names[0]][0]["losses"], results[names[1]][0]["losses"]
+        detail = results[names[1]][0]["detail"]
         print(f"{title}: the largest relative difference between the two engines' losses over {len(ours)} steps is "
-              f"{max(abs(a - b) / b for a, b in zip(ours, theirs)):.1e} (PyTorch with {results[names[1]][0]['detail']}).")
+              f"{max(abs(a - b) / b for a, b in zip(ours, theirs)):.1e} (PyTorch with {detail}).")
 
 
 TASKS = dict(write_random=write_random, write_hf=write_hf, write_gguf=write_gguf,
