@@ -2,6 +2,7 @@
 
 What each run should print is computed here through the Python API on the same model folder.
 """
+import inspect
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import sys
 import pytest
 
 import gpt2
+import gpt2_pico
 from conftest import ROOT
 from utils import load_encoder_hparams_and_params
 
@@ -159,12 +161,14 @@ def test_score_file_prints_the_scores_the_api_computes(models_dir, model, tmp_pa
     ]
 
 
-def test_help_lists_every_flag():
-    result = run("gpt2.py", "--help")
-    assert result.returncode == 0
-    for flag in ("n_tokens_to_generate", "model_size", "models_dir", "model_dir", "temperature", "top_k", "top_p",
-                 "seed", "stop", "ignore_endoftext", "prompt_file", "prompts_file", "score_file", "per_token"):
-        assert f"--{flag}" in result.stderr, flag  # where python-fire writes help
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_goes_to_stdout_and_lists_every_parameter_of_main(script):
+    result = run(script, "--help")
+    assert (result.returncode, result.stderr) == (0, "")
+    main = {"gpt2.py": gpt2.main, "gpt2_pico.py": gpt2_pico.main}[script]
+    for name, parameter in inspect.signature(main).parameters.items():
+        shown = name.upper() if parameter.kind is parameter.POSITIONAL_ONLY else f"--{name}"
+        assert shown in result.stdout, name
 
 
 def test_ctrl_c_keeps_what_was_printed_and_exits_130(models_dir):

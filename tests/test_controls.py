@@ -38,7 +38,7 @@ def test_sampling_draws_from_the_softmax(tiny):
     logits = gpt2.gpt2(PROMPT, **params, n_head=n_head)[-1]
     probs = gpt2.softmax(logits.astype(np.float64))
     rng = np.random.default_rng(0)
-    draws = np.array([gpt2.choose(logits, 1.0, None, 1.0, rng) for _ in range(4000)])
+    draws = np.array([gpt2.choose(logits, rng, temperature=1.0) for _ in range(4000)])
     top = int(np.argmax(probs))
     assert abs(np.mean(draws == top) - probs[top]) < 4 * np.sqrt(probs[top] * (1 - probs[top]) / 4000)
 
@@ -69,19 +69,31 @@ def test_top_k_keeps_the_k_most_likely_tokens(weights, top_k):
 
 
 @pytest.mark.parametrize(
-    "options, flag",
+    "options, argument",
     [
-        (dict(temperature=-0.5), "--temperature"),
-        (dict(temperature=1.0, top_k=0), "--top_k"),
-        (dict(temperature=1.0, top_k=50258), "--top_k"),
-        (dict(temperature=1.0, top_p=0.0), "--top_p"),
-        (dict(temperature=1.0, top_p=1.5), "--top_p"),
+        (dict(temperature=-0.5), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(temperature=1.0, top_k=0), "top_k"),
+        (dict(temperature=1.0, top_k=50258), "top_k"),
+        (dict(temperature=1.0, top_k=2.0), "top_k"),
+        (dict(temperature=1.0, top_p=0.0), "top_p"),
+        (dict(temperature=1.0, top_p=1.5), "top_p"),
+        (dict(temperature=1.0, min_p=-0.1), "min_p"),
+        (dict(temperature=1.0, min_p=1.5), "min_p"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(repetition_penalty=float("inf")), "repetition_penalty"),
+        (dict(temperature=1.0, seed=-2), "seed"),
+        (dict(temperature=1.0, seed=3.5), "seed"),
     ],
 )
-def test_invalid_sampling_values_are_a_clear_error(tiny, options, flag):
+def test_invalid_sampling_values_are_an_error_that_names_the_argument(tiny, options, argument):
     _, params, n_head = tiny
-    with pytest.raises(GPT2Error, match=flag):
-        gpt2.generate(PROMPT, params, n_head, 3, **options)
+    for run in (lambda: gpt2.generate(PROMPT, params, n_head, 3, **options),
+                lambda: gpt2.generate_batch([PROMPT], params, n_head, 3, **options)):
+        with pytest.raises(GPT2Error, match=f"^{argument} must be ") as info:
+            run()
+        assert "--" not in str(info.value)  # the Python API speaks of arguments; the command line of flags
+        assert info.value.arguments == (argument,)
 
 
 TEXTS = ["日本語のテキスト、中文文本", "emoji 🎉👩‍👩‍👧🇯🇵 and café", "plain ascii, nothing held back"]
