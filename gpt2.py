@@ -193,9 +193,10 @@ def check(ok, argument, requirement, value):  # a GPT2Error that names the argum
         raise GPT2Error(f"{argument} must be {requirement}, got {value!r}", arguments=(argument,))
 
 
-def warn_no_effect(arguments, why):
-    verb = "has" if len(arguments) == 1 else "have"
-    warnings.warn(GPT2Warning(f"{' and '.join(arguments)} {verb} no effect {why}", arguments=arguments), stacklevel=3)
+def warn_no_effect(ignored, why, *also_named):  # also_named: other arguments the reason names
+    verb = "has" if len(ignored) == 1 else "have"
+    warnings.warn(GPT2Warning(f"{' and '.join(ignored)} {verb} no effect {why}", arguments=[*ignored, *also_named]),
+                  stacklevel=3)
 
 
 def check_sampling(temperature, top_k, top_p, min_p=0.0, repetition_penalty=1.0, seed=None, n_vocab=None):
@@ -504,9 +505,10 @@ def main(prompt: str = "", /, n_tokens_to_generate=40, model_size: str | None = 
         raise GPT2Error("num_samples and prompts_file were given together: sample one prompt, or run a batch",
                         arguments=("num_samples", "prompts_file"))
     if score_file is not None and any(name in changed for name in GENERATION_ONLY):
-        warn_no_effect([name for name in GENERATION_ONLY if name in changed], "with score_file, which generates nothing")
+        warn_no_effect([name for name in GENERATION_ONLY if name in changed], "with score_file, which generates nothing",
+                       "score_file")
     if per_token and score_file is None:
-        warn_no_effect(["per_token"], "without score_file")
+        warn_no_effect(["per_token"], "without score_file", "score_file")
     if echo and (prompts_file is not None or num_samples > 1):
         warn_no_effect(["echo"], "where the output is JSON lines, which hold the prompt already")
     if threads is not None:

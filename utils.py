@@ -602,7 +602,8 @@ def parse_command_line(parser, argv):  # -> {parameter name: value}, or the pars
     arguments, extras = parser.parse_known_args(argv)
     if extras:
         parser.error(unknown_argument(parser, extras[0]))
-    return vars(arguments)
+    # a flag given more than once arrives as a list: make it the tuple its annotation says
+    return {name: tuple(value) if isinstance(value, list) else value for name, value in vars(arguments).items()}
 
 
 def unknown_argument(parser, extra):  # what to say of the first argument the parser could not place

@@ -173,3 +173,31 @@ def loaded_model(fixture_model):
         return load_encoder_hparams_and_params(model_dir=str(model_dir))
 
     return get
+
+
+# Nothing listens on port 1: a command that tries to download fails at once instead of reaching the network.
+OFFLINE = dict(os.environ, GPT2_BASE_URL="http://127.0.0.1:1")
+
+
+def run_script(script, *args, stdin=None, env=None):
+    """Run a script of the repository (or the script at an absolute path) in a subprocess, offline unless env says
+    otherwise. args may hold bytes, for text that is not UTF-8. stdout and stderr come back as text exactly as
+    written: no newline is translated."""
+    import subprocess
+
+    result = subprocess.run(
+        [sys.executable, str(ROOT / script), *(a if isinstance(a, bytes) else str(a) for a in args)],
+        capture_output=True, input=None if stdin is None else stdin.encode(), env=env or OFFLINE, timeout=300,
+    )
+    result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode(errors="backslashreplace")
+    return result
+
+
+def assert_clean_error(result, *words):
+    """A user mistake ends in one line on stderr that names the problem, and a non-zero exit."""
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for word in words:
+        assert word in lines[0]
