@@ -282,7 +282,8 @@ def generate_batch_stream(prompts, params, n_head, n_tokens_to_generate, tempera
     check_count(n_tokens_to_generate)
     if longest + n_tokens_to_generate > n_ctx:  # rows share one window, which cannot slide
         raise GPT2Error(f"in a batch the longest prompt ({longest} tokens) plus n_tokens_to_generate "
-                        f"({n_tokens_to_generate}) must fit in the context of {n_ctx}", arguments=("n_tokens_to_generate",))
+                        f"({n_tokens_to_generate}) must fit in the context of {n_ctx}",
+                        arguments=("n_tokens_to_generate",))
     check_sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed, n_vocab)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     rng = rng_of(seed)
@@ -448,8 +449,8 @@ def speed_line(n_prompt, times):  # the line --verbose ends with
     def rate(n_tokens, seconds):
         return f"{n_tokens / seconds:.1f} tokens/s" if seconds > 0 and n_tokens else "-"
 
-    return (f"prompt tokens: {n_prompt}, new tokens: {times['new_tokens']}, prefill: {rate(n_prompt, times['prefill_s'])}, "
-            f"decode: {rate(times['decode_tokens'], times['decode_s'])}")
+    return (f"prompt tokens: {n_prompt}, new tokens: {times['new_tokens']}, "
+            f"prefill: {rate(n_prompt, times['prefill_s'])}, decode: {rate(times['decode_tokens'], times['decode_s'])}")
 
 
 GENERATION_ONLY = ("n_tokens_to_generate", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed",
@@ -504,9 +505,9 @@ def main(prompt: str = "", /, n_tokens_to_generate=40, model_size: str | None = 
     if num_samples > 1 and prompts_file is not None:
         raise GPT2Error("num_samples and prompts_file were given together: sample one prompt, or run a batch",
                         arguments=("num_samples", "prompts_file"))
-    if score_file is not None and any(name in changed for name in GENERATION_ONLY):
-        warn_no_effect([name for name in GENERATION_ONLY if name in changed], "with score_file, which generates nothing",
-                       "score_file")
+    unused_by_scoring = [name for name in GENERATION_ONLY if name in changed]
+    if score_file is not None and unused_by_scoring:
+        warn_no_effect(unused_by_scoring, "with score_file, which generates nothing", "score_file")
     if per_token and score_file is None:
         warn_no_effect(["per_token"], "without score_file", "score_file")
     if echo and (prompts_file is not None or num_samples > 1):

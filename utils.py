@@ -628,7 +628,7 @@ def speaking_of_flags(message, flags):  # the text of a GPT2Error or GPT2Warning
 
 def set_blas_threads(n_threads):
     """Make NumPy's OpenBLAS use n_threads threads, though NumPy has loaded it already (OPENBLAS_NUM_THREADS is read
-    only then): as threadpoolctl does, by calling the setter OpenBLAS exports from the library loaded in this process."""
+    only then): as threadpoolctl does, by calling the setter OpenBLAS exports, in the library this process loaded."""
     setters = ("openblas_set_num_threads", "openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
                "scipy_openblas_set_num_threads64_")
     found = False
