@@ -544,6 +544,7 @@ def main(prompt: str = "", /, n_tokens_to_generate=40, model_size: str | None = 
         steps = generate_batch_stream(batch, params, n_head, n_tokens_to_generate, seed=seed, **options)
         steps = progress(timed(steps, times, len(batch)), total=n_tokens_to_generate, desc="generating", unit="step")
         outputs = batch_rows(steps, len(batch), not ignore_endoftext)
+        times["new_tokens"] = sum(len(ids) for ids in outputs)  # not the steps of rows that had ended
         for prompt, ids in zip(prompts, outputs):
             completion = "".join(stream_text(ids, encoder, stop))
             print(json.dumps({"prompt": prompt, "completion": completion}, ensure_ascii=False))
