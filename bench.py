@@ -28,6 +28,7 @@ SIZES = {  # GPT-2's real shapes: speed depends on them, not on the weights' val
     "1558M": dict(n_layer=48, n_embd=1600, n_head=25),
 }
 PROMPT_LEN, LONG_PROMPT_LEN, N_UNCACHED = 10, 512, 16
+SCORE_LEN = 1024  # one window of scoring: GPT-2's context
 BATCH_LENGTHS = (5, 6, 7, 8, 9, 10, 6, 8)  # different lengths, so padding and masks are exercised
 
 
@@ -47,9 +48,10 @@ def median_time(fn, runs=3, warmup=None):
     return statistics.median(times), result
 
 
-def measure(spec, load, decode, uncached, predict, batch=None):
+def measure(spec, load, decode, uncached, predict, batch=None, score=None):
     """The rows every engine has. load() -> (model, weight bytes); decode, uncached and batch generate greedily
-    -> new ids; predict -> the argmax of the logits at every position of a prompt, to check the engines agree."""
+    -> new ids; predict -> the argmax of the logits at every position of a prompt, to check the engines agree;
+    score(model, ids) computes the log-probability of every token of one window."""
     n_new, results = spec["n_new"], {}
     note("load")
     load_s, (model, weight_bytes) = median_time(load, 5)
@@ -67,6 +69,9 @@ def measure(spec, load, decode, uncached, predict, batch=None):
                                                     warmup=lambda: batch(model, spec["batch"], 4))
         results["batch_tps"] = len(spec["batch"]) * n_new / batch_s
         assert all(len(ids) == n_new for ids in results["batch_ids"]), "an engine stopped early"
+    if score:
+        note("scoring")
+        results["score_ms"] = 1000 * median_time(lambda: score(model, spec["score_window"]))[0]
     assert len(results["decode_ids"]) == n_new, "an engine stopped early"
     rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux counts KiB
     # Random weights soon repeat one token, so generated ids alone are a weak check: 512 choices are not
@@ -76,7 +81,7 @@ def measure(spec, load, decode, uncached, predict, batch=None):
 
 
 def run_ours(spec):
-    from gpt2 import generate, generate_batch, gpt2
+    from gpt2 import generate, generate_batch, gpt2, score
     from utils import load_encoder_hparams_and_params
 
     def load():  # the warm-up load verifies the checkpoint's CRCs if no earlier load did
@@ -91,7 +96,8 @@ def run_ours(spec):
 
     (params, _), results = measure(spec, load, lambda m, prompt, n: generate(prompt, *m, n, stop_at_endoftext=False),
                                    uncached, lambda m, ids: gpt2(ids, **m[0], n_head=m[1]).argmax(-1).tolist(),
-                                   lambda m, prompts, n: generate_batch(prompts, *m, n, stop_at_endoftext=False))
+                                   lambda m, prompts, n: generate_batch(prompts, *m, n, stop_at_endoftext=False),
+                                   lambda m, ids: score(ids[: m[0]["wpe"].shape[0]], *m))
     note("matvec bound")
     # every matrix one decode step multiplies a single row by, the tied vocabulary projection last
     matrices = [layer["w"] for block in params["blocks"] for layer in
@@ -130,8 +136,14 @@ def run_hf(spec):
         with torch.inference_mode():
             return model(torch.tensor([ids])).logits[0].argmax(-1).tolist()
 
+    def score(model, ids):  # the loss of a window, as Hugging Face's perplexity guide computes it
+        ids = torch.tensor([ids[: model.config.n_positions]])
+        with torch.inference_mode():
+            return model(ids, labels=ids).loss
+
     model, results = measure(spec, load, lambda m, prompt, n: generate(m, [prompt], n)[0],
-                             lambda m, prompt, n: generate(m, [prompt], n, use_cache=False)[0], predict, generate)
+                             lambda m, prompt, n: generate(m, [prompt], n, use_cache=False)[0], predict, generate,
+                             score)
     return dict(results, detail=f"PyTorch, {model.config._attn_implementation} attention")
 
 
@@ -276,6 +288,7 @@ def table(title, spec, ours, others):
          "higher", ".1f"),
         ("batch_tps", f"batch of {len(BATCH_LENGTHS)} prompts ({min(BATCH_LENGTHS)}–{max(BATCH_LENGTHS)} tokens), "
                       f"{spec['n_new']} new each, total (tokens/s)", "higher", ".1f"),
+        ("score_ms", f"scoring: one {SCORE_LEN}-token window, log-probability of every token (ms)", "lower", ".0f"),
         ("load_ms", "load: verified folder, warm page cache (ms)", "lower", ".0f"),
         ("rss_mib", "peak RSS of the engine's process (MiB)", "lower", ".0f"),
         ("weight_mib", "weights (MiB)", "–", ".0f"),
@@ -290,7 +303,8 @@ def table(title, spec, ours, others):
     return lines
 
 
-def main(model_size="124M", model_dir=None, models_dir="bench-models", n_new=128, threads=2, train=False, runs=3):
+def main(model_size="124M", model_dir: str | None = None, models_dir="bench-models", n_new=128, threads=2, train=False,
+         runs=3):
     """Time this project's GPT-2 against the other engines installed, on one checkpoint; print a markdown table.
 
     Args:
@@ -320,7 +334,7 @@ def main(model_size="124M", model_dir=None, models_dir="bench-models", n_new=128
     spec = dict(model_dir=str(model_dir), hf_dir=str(hf_dir),
                 gguf_path=str(Path(models_dir) / f"{model_dir.name}-f32.gguf"), threads=threads, n_new=n_new,
                 prompt=prompt(PROMPT_LEN), long_prompt=prompt(LONG_PROMPT_LEN),
-                batch=[prompt(n) for n in BATCH_LENGTHS])
+                batch=[prompt(n) for n in BATCH_LENGTHS], score_window=prompt(SCORE_LEN))
     engines = [engine for engine in ENGINES if all(importlib.util.find_spec(m) for m in engine[2])]
     for name, _, _, path, writer in engines:
         if not Path(spec[path]).exists():
@@ -469,6 +483,6 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["worker"]:
         print(json.dumps(TASKS[sys.argv[2]](json.load(sys.stdin))))
     else:
-        import fire
+        from utils import run_cli
 
-        fire.Fire(main)
+        run_cli(main)

@@ -11,8 +11,20 @@ import os
 import numpy as np
 
 
-class GPT2Error(Exception):
+class _NamesArguments:
+    """arguments: the Python arguments the message names (top_p, ...); the command line shows them as its flags."""
+
+    def __init__(self, message, arguments=()):
+        super().__init__(message)
+        self.arguments = tuple(arguments)
+
+
+class GPT2Error(_NamesArguments, Exception):
     """A problem the user can fix: the message says what is wrong and what to do."""
+
+
+class GPT2Warning(_NamesArguments, UserWarning):
+    """An option that will have no effect, and why."""
 
 
 # Where a tensor lies in the data file; crc32c is kept masked, as the index stores it (see _masked).
@@ -120,6 +132,11 @@ def read_tf_index(prefix):
             index = f.read()
     except OSError as e:
         raise _cannot_read(path, e) from None
+    return parse_tf_index(index, path)
+
+
+def parse_tf_index(index, path):
+    """The bytes of a checkpoint index (read from path) -> {tensor name: TensorEntry}."""
     try:
         records = {key.decode(): value for key, value in _table_entries(index, path)}
         if "" not in records:
@@ -291,6 +308,12 @@ def _fields(message, wire_types):
             yield number, value
 
 
+def check_protobuf(message):
+    """Raise ValueError unless message is well-formed protobuf at its top level (tags, lengths and varints)."""
+    for _ in _fields(message, {}):
+        pass
+
+
 def _varint(buf, pos):
     """Decode the base-128 varint at pos -> (value, position after it)."""
     value = 0
@@ -329,7 +352,7 @@ def load_safetensors(path):
         header = f.read(header_size)
     try:
         header = json.loads(header)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: brackets nested deeper than Python recurses
         raise _bad_safetensors(path, "its header is not valid JSON") from None
     if not isinstance(header, dict):
         raise _bad_safetensors(path, "its header is not a JSON object")

@@ -135,13 +135,21 @@ def read_merges(vocab_bpe_path) -> list[tuple[str, str]]:
     return merges
 
 
-def load_encoder(encoder_json_path, vocab_bpe_path) -> Encoder:
-    """The Encoder of an encoder.json and a vocab.bpe (Hugging Face: vocab.json and merges.txt)."""
+def read_vocab(encoder_json_path) -> dict[str, int]:
+    """The token -> id mapping of encoder.json (Hugging Face: vocab.json)."""
     with open(encoder_json_path, encoding="utf-8") as f:
-        encoder = json.load(f)
+        try:
+            encoder = json.load(f)
+        except RecursionError:  # brackets nested deeper than Python recurses: no vocabulary looks like that
+            raise ValueError(f"{encoder_json_path}: its JSON is nested too deeply") from None
     if not isinstance(encoder, dict) or not all(isinstance(i, int) for i in encoder.values()):
         raise ValueError(f"{encoder_json_path}: expected a JSON object of token -> integer id")
-    return Encoder(encoder, read_merges(vocab_bpe_path))
+    return encoder
+
+
+def load_encoder(encoder_json_path, vocab_bpe_path) -> Encoder:
+    """The Encoder of an encoder.json and a vocab.bpe (Hugging Face: vocab.json and merges.txt)."""
+    return Encoder(read_vocab(encoder_json_path), read_merges(vocab_bpe_path))
 
 
 def get_encoder(model_size: str, models_dir) -> Encoder:

@@ -4,13 +4,18 @@ The model functions are pure and follow the checkpoint's own names (wte, wpe, c_
 Generation keeps a key/value cache so each new token costs one pass of a single position.
 """
 import codecs
+import inspect
 import json
 import math
 import sys
+import time
+import warnings
 
 import numpy as np
+from tqdm import tqdm
 
-from utils import GPT2Error, load_encoder_hparams_and_params, run_cli
+from utils import (GPT2Error, GPT2Warning, check_model_choice, load_encoder_hparams_and_params, run_cli,
+                   set_blas_threads)
 
 def gelu(x):  # [...] -> [...]
     # 0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x**3))), computed in one buffer: on a long prompt
@@ -134,35 +139,81 @@ def new_kv_cache(params, n_head, n_batch, n_max):  # -> per layer [2, n_batch, n
     return [np.zeros((2, n_batch, n_head, n_max, head_size), dtype=np.float32) for _ in params["blocks"]]
 
 
-def filter_probs(probs, top_k=None, top_p=1.0):  # [n_vocab] -> [n_vocab], renormalised
-    if top_k is None and top_p >= 1.0:
+def filter_probs(probs, top_k=None, top_p=1.0, min_p=0.0):  # [n_vocab] -> [n_vocab], renormalised
+    if top_k is None and top_p >= 1.0 and min_p == 0:
         return probs  # nothing to filter: skip sorting the vocabulary
     keep = np.ones(len(probs), dtype=bool)
-    order = np.argsort(-probs, kind="stable")  # most likely first; ties keep the lower id first
-    if top_k is not None:
-        keep[order[top_k:]] = False
-    if top_p < 1.0:
-        # the smallest set of most-likely tokens whose probability reaches top_p
-        n_keep = int(np.searchsorted(np.cumsum(probs[order]), top_p)) + 1
-        keep[order[n_keep:]] = False
+    if top_k is not None or top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")  # most likely first; ties keep the lower id first
+        if top_k is not None:
+            keep[order[top_k:]] = False
+        if top_p < 1.0:
+            # the smallest set of most-likely tokens whose probability reaches top_p
+            n_keep = int(np.searchsorted(np.cumsum(probs[order]), top_p)) + 1
+            keep[order[n_keep:]] = False
+    if min_p > 0:
+        # min-p, as Hugging Face's MinPLogitsWarper: the tokens at least min_p times as likely as the most likely one
+        keep &= probs >= min_p * probs.max()
     filtered = np.where(keep, probs, 0.0)
     return filtered / filtered.sum()
 
 
-def choose(logits, temperature, top_k, top_p, rng):  # [n_vocab] -> token id
+def penalize_repetition(logits, seen, penalty):  # [..., n_vocab], [..., n_vocab] bool -> [..., n_vocab]
+    # Hugging Face's RepetitionPenaltyLogitsProcessor (from CTRL): the logit of each token already in the text is
+    # divided by the penalty where positive and multiplied by it where negative, so it always falls (penalty > 1)
+    return np.where(seen, np.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+def choose(logits, rng, temperature=0.0, top_k=None, top_p=1.0, min_p=0.0):  # [n_vocab] -> token id
     if temperature == 0:
         return int(np.argmax(logits))
-    probs = np.exp(log_softmax(logits.astype(np.float64) / temperature))
-    return int(rng.choice(len(probs), p=filter_probs(probs, top_k, top_p)))
+    # the largest logit subtracted before dividing: a tiny temperature then gives 0 and -inf, never inf - inf
+    probs = np.exp(log_softmax((logits.astype(np.float64) - logits.max()) / temperature))
+    return int(rng.choice(len(probs), p=filter_probs(probs, top_k, top_p, min_p)))
 
 
-def check_sampling(temperature, top_k, top_p, n_vocab):
-    if not is_number(temperature) or temperature < 0:
-        raise GPT2Error(f"--temperature must be a number >= 0 (0 means greedy), got {temperature!r}")
-    if top_k is not None and (not is_int(top_k) or not 1 <= top_k <= n_vocab):
-        raise GPT2Error(f"--top_k must be a whole number from 1 to {n_vocab}, got {top_k!r}")
-    if not is_number(top_p) or not 0 < top_p <= 1:
-        raise GPT2Error(f"--top_p must be a number in (0, 1], got {top_p!r}")
+def next_token(logits, seen, rng, repetition_penalty=1.0, **sampling):  # [n_vocab], [n_vocab] bool -> token id
+    check_finite(logits)
+    if repetition_penalty != 1.0:
+        logits = penalize_repetition(logits, seen, repetition_penalty)
+    return choose(logits, rng, **sampling)
+
+
+def check_finite(values):  # NaN or inf out of the model: no input causes that, only damaged weights do
+    if not np.isfinite(values).all():
+        raise GPT2Error("the model produced NaN: its weights are damaged (a logit is NaN or infinite); download or "
+                        "export the model again")
+
+
+def check(ok, argument, requirement, value):  # a GPT2Error that names the argument, unless ok
+    if not ok:
+        raise GPT2Error(f"{argument} must be {requirement}, got {value!r}", arguments=(argument,))
+
+
+def warn_no_effect(ignored, why, *also_named):  # also_named: other arguments the reason names
+    verb = "has" if len(ignored) == 1 else "have"
+    warnings.warn(GPT2Warning(f"{' and '.join(ignored)} {verb} no effect {why}", arguments=[*ignored, *also_named]),
+                  stacklevel=3)
+
+
+def check_sampling(temperature, top_k, top_p, min_p=0.0, repetition_penalty=1.0, seed=None, n_vocab=None):
+    """A GPT2Error for a value out of range (top_k's bound once n_vocab is known); a warning for what greedy ignores."""
+    check(is_number(temperature) and 0 <= temperature < math.inf, "temperature", "a number >= 0 (0 means greedy)",
+          temperature)
+    check(top_k is None or is_int(top_k) and 1 <= top_k <= (n_vocab or top_k), "top_k",
+          f"a whole number from 1 to {n_vocab}" if n_vocab else "a whole number >= 1", top_k)
+    check(is_number(top_p) and 0 < top_p <= 1, "top_p", "a number in (0, 1]", top_p)
+    check(is_number(min_p) and 0 <= min_p <= 1, "min_p", "a number in [0, 1]", min_p)
+    check(is_number(repetition_penalty) and 0 < repetition_penalty < math.inf, "repetition_penalty",
+          "a number > 0 (1 means no penalty)", repetition_penalty)
+    check(seed is None or is_int(seed) and seed >= -1, "seed", "a whole number >= 0, or -1 for a fresh random one",
+          seed)
+    if temperature == 0:
+        ignored = [name for name, is_set in (("top_k", top_k is not None), ("top_p", top_p < 1), ("min_p", min_p > 0),
+                                             ("seed", seed not in (None, -1))) if is_set]
+        if ignored:
+            warn_no_effect(ignored, "at temperature 0, which always picks the most likely token: give a temperature "
+                                    "above 0 to sample")
 
 
 def is_int(value):  # bool is an int to Python, never a count to a user
@@ -174,8 +225,8 @@ def is_number(value):
 
 
 def check_count(n_tokens_to_generate):
-    if not is_int(n_tokens_to_generate) or n_tokens_to_generate < 0:
-        raise GPT2Error(f"--n_tokens_to_generate must be a whole number >= 0, got {n_tokens_to_generate!r}")
+    check(is_int(n_tokens_to_generate) and n_tokens_to_generate >= 0, "n_tokens_to_generate", "a whole number >= 0",
+          n_tokens_to_generate)
 
 
 def endoftext(endoftext_id, n_vocab):
@@ -185,16 +236,24 @@ def endoftext(endoftext_id, n_vocab):
     return n_vocab - 1 if endoftext_id is None else endoftext_id
 
 
-def generate_stream(inputs, params, n_head, n_tokens_to_generate, temperature=0.0, top_k=None, top_p=1.0,
-                    seed=None, stop_at_endoftext=True, endoftext_id=None):  # [n_seq] -> iterator of new token ids
+def rng_of(seed):  # seed None or -1: a fresh random generator
+    return np.random.default_rng(None if seed == -1 else seed)
+
+
+def generate_stream(inputs, params, n_head, n_tokens_to_generate, temperature=0.0, top_k=None, top_p=1.0, min_p=0.0,
+                    repetition_penalty=1.0, seed=None, stop_at_endoftext=True,
+                    endoftext_id=None):  # [n_seq] -> iterator of new ids
     n_ctx, n_vocab = params["wpe"].shape[0], params["wte"].shape[0]
     eot = endoftext(endoftext_id, n_vocab)
     inputs = list(inputs) or [eot]  # an empty prompt starts a fresh document
     check_count(n_tokens_to_generate)
     if len(inputs) > n_ctx:
         raise GPT2Error(f"the prompt is {len(inputs)} tokens but this model's context holds {n_ctx}: shorten the prompt")
-    check_sampling(temperature, top_k, top_p, n_vocab)
-    rng = np.random.default_rng(seed)
+    check_sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed, n_vocab)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    rng = rng_of(seed)
+    seen = np.zeros(n_vocab, dtype=bool)  # every token of the text so far, for the repetition penalty
+    seen[inputs] = True
     kv_cache = new_kv_cache(params, n_head, 1, min(n_ctx, len(inputs) + n_tokens_to_generate))
     tokens, start = inputs, 0  # tokens: what the cache does not hold yet
     no_pads = np.zeros(1, dtype=int)
@@ -204,10 +263,11 @@ def generate_stream(inputs, params, n_head, n_tokens_to_generate, temperature=0.
             inputs = inputs[-(n_ctx - 1):]
             tokens, start = inputs, 0
         logits = next_logits(np.array([tokens]), no_pads, params, n_head, kv_cache, start)[0]
-        next_id = choose(logits, temperature, top_k, top_p, rng)
+        next_id = next_token(logits, seen, rng, repetition_penalty, **sampling)
         if next_id == eot and stop_at_endoftext:
             return
         yield next_id
+        seen[next_id] = True
         start += len(tokens)
         tokens = [next_id]
         inputs.append(next_id)
@@ -217,9 +277,9 @@ def generate(inputs, params, n_head, n_tokens_to_generate, **options):  # [n_seq
     return list(generate_stream(inputs, params, n_head, n_tokens_to_generate, **options))
 
 
-def generate_batch(prompts, params, n_head, n_tokens_to_generate, temperature=0.0, top_k=None, top_p=1.0,
-                   seed=None, stop_at_endoftext=True,
-                   endoftext_id=None):  # n_batch x [n_seq_b] -> n_batch x [<= n_tokens_to_generate]
+def generate_batch_stream(prompts, params, n_head, n_tokens_to_generate, temperature=0.0, top_k=None, top_p=1.0,
+                          min_p=0.0, repetition_penalty=1.0, seed=None, stop_at_endoftext=True, endoftext_id=None):
+    # n_batch x [n_seq_b] -> iterator of [n_batch] ids, one per step, until every row has chosen <|endoftext|>
     n_ctx, n_vocab = params["wpe"].shape[0], params["wte"].shape[0]
     eot = endoftext(endoftext_id, n_vocab)
     prompts = [list(p) or [eot] for p in prompts]
@@ -229,24 +289,49 @@ def generate_batch(prompts, params, n_head, n_tokens_to_generate, temperature=0.
     check_count(n_tokens_to_generate)
     if longest + n_tokens_to_generate > n_ctx:  # rows share one window, which cannot slide
         raise GPT2Error(f"in a batch the longest prompt ({longest} tokens) plus n_tokens_to_generate "
-                        f"({n_tokens_to_generate}) must fit in the context of {n_ctx}")
-    check_sampling(temperature, top_k, top_p, n_vocab)
-    rng = np.random.default_rng(seed)
+                        f"({n_tokens_to_generate}) must fit in the context of {n_ctx}",
+                        arguments=("n_tokens_to_generate",))
+    check_sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed, n_vocab)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    rng = rng_of(seed)
+    rows = np.arange(len(prompts))
+    seen = np.zeros((len(prompts), n_vocab), dtype=bool)  # each row's own tokens, not its pads
+    for row, prompt in zip(seen, prompts):
+        row[prompt] = True
     pads = np.array([longest - len(p) for p in prompts])
     tokens = np.array([[0] * pad + p for pad, p in zip(pads, prompts)])  # pad id 0 is never attended to
     kv_cache = new_kv_cache(params, n_head, len(prompts), longest + n_tokens_to_generate)
-    outputs, done, start = [[] for _ in prompts], [False] * len(prompts), 0
+    ended, start = np.zeros(len(prompts), dtype=bool), 0
     for _ in range(n_tokens_to_generate):
         logits = next_logits(tokens, pads, params, n_head, kv_cache, start)
         start += tokens.shape[1]
-        tokens = np.array([[choose(row, temperature, top_k, top_p, rng)] for row in logits])
-        for b, (next_id,) in enumerate(tokens):
-            done[b] = done[b] or (stop_at_endoftext and next_id == eot)
-            if not done[b]:
-                outputs[b].append(int(next_id))
-        if all(done):
-            break
-    return outputs
+        next_ids = np.array([next_token(row, row_seen, rng, repetition_penalty, **sampling)
+                             for row, row_seen in zip(logits, seen)])
+        seen[rows, next_ids] = True
+        yield next_ids
+        tokens = next_ids[:, None]
+        if stop_at_endoftext:
+            ended |= next_ids == eot
+            if ended.all():
+                return
+
+
+def batch_rows(steps, n_batch, end_id=None):  # iterator of [n_batch] ids -> n_batch x [n_new_b]
+    rows = [[] for _ in range(n_batch)]
+    for step in steps:
+        for row, next_id in zip(rows, step):
+            row.append(int(next_id))
+    if end_id is not None:  # each row ends before its first end_id
+        rows = [row[: row.index(end_id)] if end_id in row else row for row in rows]
+    return rows
+
+
+def generate_batch(prompts, params, n_head, n_tokens_to_generate, stop_at_endoftext=True, endoftext_id=None,
+                   **options):  # n_batch x [n_seq_b] -> n_batch x [<= n_tokens_to_generate]
+    steps = generate_batch_stream(prompts, params, n_head, n_tokens_to_generate, stop_at_endoftext=stop_at_endoftext,
+                                  endoftext_id=endoftext_id, **options)
+    end_id = endoftext(endoftext_id, params["wte"].shape[0]) if stop_at_endoftext else None
+    return batch_rows(steps, len(prompts), end_id)
 
 
 def stream_text(ids, encoder, stop=()):  # iterator of token ids -> iterator of text pieces
@@ -266,85 +351,236 @@ def stream_text(ids, encoder, stop=()):  # iterator of token ids -> iterator of 
     yield pending + utf8.decode(b"", final=True)
 
 
-def score(ids, params, n_head):  # [n_seq] -> [n_seq - 1] log-probability of each token after the first
+def target_logprobs(x, targets, wte, chunk=256):  # [n, n_embd], [n] -> [n] log p(target) under softmax(x @ wte.T)
+    # Each row needs only its target's logit and the log of its sum of exponentials, in float32 as the logits are:
+    # a float64 log-softmax over the whole vocabulary would cost more than the model. Rows go a block at a time,
+    # so the logits in memory stay [chunk, n_vocab]
+    logprobs = []
+    for begin in range(0, len(x), chunk):
+        logits = x[begin : begin + chunk] @ wte.T  # [chunk, n_vocab]
+        target = logits[np.arange(len(logits)), targets[begin : begin + chunk]]
+        peak = np.max(logits, axis=-1)
+        logits -= peak[:, None]
+        np.exp(logits, out=logits)
+        log_sum = np.log(np.sum(logits, axis=-1))
+        logprobs.append((target - peak).astype(np.float64) - log_sum)
+    return np.concatenate(logprobs)
+
+
+def score_windows(ids, params, n_head):  # [n_seq] -> iterator of [n_new] log-probabilities, one array per window
     # Texts longer than the context are scored in windows that advance by half a context, as in Hugging Face's
     # perplexity guide: each token is scored once, with at least half a context before it (after the first window)
     n_ctx = params["wpe"].shape[0]
     if len(ids) < 2:
         raise GPT2Error(f"scoring needs a text of at least 2 tokens, got {len(ids)}")
-    logprobs, scored_to = [], 0
+    scored_to = 0
     for begin in range(0, len(ids), n_ctx // 2):
-        window = ids[begin : begin + n_ctx]
-        logp = log_softmax(gpt2(window[:-1], **params, n_head=n_head).astype(np.float64))  # [len - 1, n_vocab]
-        n_new = begin + len(window) - max(scored_to, 1)
-        logprobs.append(logp[np.arange(len(window) - 1), window[1:]][-n_new:])
+        window = np.asarray(ids[begin : begin + n_ctx])
+        n_new, n_seq = begin + len(window) - max(scored_to, 1), len(window) - 1  # n_new: tokens no window scored yet
+        x = hidden_states(window[:-1], np.arange(n_seq), causal_mask(n_seq, n_seq), **params, n_head=n_head)
+        logprobs = target_logprobs(x[-n_new:], window[-n_new:], params["wte"])  # the vocabulary only where scored
+        check_finite(logprobs)
+        yield logprobs
         scored_to = begin + len(window)
         if scored_to == len(ids):
-            break
-    return np.concatenate(logprobs)
+            return
 
 
-def read_text(path):  # a file's text, or standard input's for "-"
+def score(ids, params, n_head):  # [n_seq] -> [n_seq - 1] log-probability of each token after the first
+    return np.concatenate(list(score_windows(ids, params, n_head)))
+
+
+def open_text(path):  # a file to read text from, or standard input for "-"
+    if path == "-":
+        return sys.stdin
     try:
-        if path == "-":
-            return sys.stdin.read()
-        with open(path, encoding="utf-8") as f:
-            return f.read()
+        return open(path, encoding="utf-8")
+    except OSError as e:
+        raise GPT2Error(f"cannot read {path}: {e.strerror}") from None
+
+
+def read_text(file, path, max_chars=-1):  # the text of a file from open_text, and close it; at most max_chars + 1
+    try:
+        with file:
+            return file.read(max_chars + 1 if max_chars >= 0 else -1)
     except (OSError, UnicodeDecodeError) as e:
         raise GPT2Error(f"cannot read {path}: {e}") from None
 
 
-def main(prompt="", n_tokens_to_generate=40, model_size="124M", models_dir="models", model_dir=None,
-         temperature=0.0, top_k=None, top_p=1.0, seed=None, stop=(), ignore_endoftext=False,
-         prompt_file=None, prompts_file=None, score_file=None, per_token=False):
-    """Generate text with GPT-2 (greedy by default), or score a text.
+def read_prompt(file, path, encoder, n_ctx):  # the prompt in a file, refused after a bounded read if it cannot fit
+    # n_ctx tokens hold at most n_ctx times the longest token's bytes, and a character is at least one byte
+    # (a token's string in the vocabulary has one character per byte)
+    max_chars = n_ctx * max(len(token) for token in encoder.encoder)
+    text = read_text(file, path, max_chars)
+    if len(text) > max_chars:
+        raise GPT2Error(f"prompt_file {path} holds more than {max_chars} characters, more than this model's context "
+                        f"of {n_ctx} tokens can hold: shorten it (score_file scores a text of any length)",
+                        arguments=("prompt_file", "score_file"))
+    return text
+
+
+def unescape(text, argument):  # text with the escapes of a Python string literal read: \n, \t, \\, \x41, \u00e9
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # an unknown escape such as \q is a mistake, not a backslash and a q
+            return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except (UnicodeDecodeError, Warning):
+        raise GPT2Error(f'{argument} "{text}" has a backslash that starts no escape: write \\\\ for a backslash '
+                        r"(escapes: \n \t \r \\ \xhh \uhhhh)", arguments=(argument,)) from None
+
+
+def changed_arguments(function, values):  # the names of function's parameters whose values are not their defaults
+    return [name for name, parameter in inspect.signature(function).parameters.items()
+            if values[name] != parameter.default]
+
+
+def progress(iterable=None, **options):  # a bar on stderr when it is a terminal, gone when done: stdout stays clean
+    return tqdm(iterable, file=sys.stderr, disable=None, leave=False, **options)
+
+
+def timed(steps, times, n_rows=1):  # the same steps (of n_rows tokens each), timed into times
+    # The first step's seconds are the prefill's, the others' the decode's
+    started = time.perf_counter()
+    for n, step in enumerate(steps):
+        seconds = time.perf_counter() - started
+        times["new_tokens"] += n_rows
+        if n == 0:
+            times["prefill_s"] += seconds
+        else:
+            times["decode_s"] += seconds
+            times["decode_tokens"] += n_rows
+        yield step
+        started = time.perf_counter()  # the consumer's time is not the model's
+
+
+def speed_line(n_prompt, times):  # the line --verbose ends with
+    def rate(n_tokens, seconds):
+        return f"{n_tokens / seconds:.1f} tokens/s" if seconds > 0 and n_tokens else "-"
+
+    return (f"prompt tokens: {n_prompt}, new tokens: {times['new_tokens']}, "
+            f"prefill: {rate(n_prompt, times['prefill_s'])}, decode: {rate(times['decode_tokens'], times['decode_s'])}")
+
+
+GENERATION_ONLY = ("n_tokens_to_generate", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed",
+                   "stop", "ignore_endoftext", "num_samples", "echo")
+
+
+def main(prompt: str = "", /, n_tokens_to_generate=40, model_size: str | None = None, models_dir="models",
+         model_dir: str | None = None, temperature=0.0, top_k: int | None = None, top_p=1.0, min_p=0.0,
+         repetition_penalty=1.0, seed=-1, stop: tuple[str, ...] = (), ignore_endoftext=False, num_samples=1,
+         echo=False, prompt_file: str | None = None, prompts_file: str | None = None, score_file: str | None = None,
+         per_token=False, threads: int | None = None, verbose=False):
+    r"""Generate text with GPT-2 (greedy by default), or score a text.
 
     Args:
-        prompt: the text to continue; empty generates unconditionally.
+        prompt: the text to continue, exactly as typed; empty starts a fresh text from <|endoftext|>.
         n_tokens_to_generate: how many tokens to add at most.
-        model_size: 124M, 355M, 774M or 1558M; downloaded into models_dir on first use.
+        model_size: 124M (the default), 355M, 774M or 1558M; downloaded into models_dir on first use.
         models_dir: where model sizes are kept.
-        model_dir: load this folder instead (OpenAI's layout or Hugging Face's with model.safetensors).
+        model_dir: load this folder instead (OpenAI's layout, or Hugging Face's with model.safetensors).
         temperature: 0 picks the most likely token; higher samples more freely.
         top_k: sample only among the k most likely tokens.
         top_p: sample only among the most likely tokens whose probability reaches p.
-        seed: makes sampling repeatable.
-        stop: a string, or a list of strings, that ends generation (not printed).
+        min_p: sample only among the tokens at least min_p times as likely as the most likely one.
+        repetition_penalty: make each token already in the text less likely, as Hugging Face does (1 means none).
+        seed: the same seed gives the same samples; -1 takes a fresh random one.
+        stop: end the text before this string (not printed); give it again for more; \n, \t and \\ are escapes.
         ignore_endoftext: keep generating past <|endoftext|>.
+        num_samples: sample this many completions of the prompt, the i-th with seed + i; prints JSON lines.
+        echo: print the prompt before the continuation.
         prompt_file: read the prompt from this file ("-" for standard input).
         prompts_file: generate for each line of this file as one batch; prints JSON lines.
         score_file: print the mean negative log-likelihood and perplexity of this file's text.
-        per_token: with score_file, also print each token's log-probability.
+        per_token: with score_file, first print each token's log-probability.
+        threads: how many threads NumPy's BLAS uses (default: one per core).
+        verbose: end with a line on stderr: prompt and new tokens, and tokens/s for prefill and decode.
     """
-    if prompt_file is not None and prompt != "":
-        raise GPT2Error("give either a prompt or --prompt_file, not both")
+    changed = changed_arguments(main, locals())
+    # Everything that can be checked from the arguments alone, before anything is downloaded or loaded
+    check_count(n_tokens_to_generate)
+    check_sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    check_model_choice(model_size, model_dir)
+    check(is_int(num_samples) and num_samples >= 1, "num_samples", "a whole number >= 1", num_samples)
+    check(threads is None or is_int(threads) and threads >= 1, "threads", "a whole number >= 1", threads)
+    stop = tuple(unescape(text, "stop") for text in stop)
+    check(all(stop), "stop", "a non-empty string (an empty one would end the text before it began)", "")
+    texts = [name for name in ("prompt", "prompt_file", "prompts_file", "score_file") if name in changed]
+    if len(texts) > 1:
+        raise GPT2Error(f"{' and '.join(texts)} were given together: give one text to work on", arguments=texts)
+    if num_samples > 1 and temperature == 0:
+        raise GPT2Error("num_samples above 1 needs a temperature above 0: greedy decoding gives the same text every "
+                        "time", arguments=("num_samples", "temperature"))
+    if num_samples > 1 and prompts_file is not None:
+        raise GPT2Error("num_samples and prompts_file were given together: sample one prompt, or run a batch",
+                        arguments=("num_samples", "prompts_file"))
+    unused_by_scoring = [name for name in GENERATION_ONLY if name in changed]
+    if score_file is not None and unused_by_scoring:
+        warn_no_effect(unused_by_scoring, "with score_file, which generates nothing", "score_file")
+    if per_token and score_file is None:
+        warn_no_effect(["per_token"], "without score_file", "score_file")
+    if echo and (prompts_file is not None or num_samples > 1):
+        warn_no_effect(["echo"], "where the output is JSON lines, which hold the prompt already")
+    if threads is not None:
+        set_blas_threads(threads)
+    source = next((path for path in (prompt_file, prompts_file, score_file) if path is not None), None)
+    text_file = open_text(source) if source is not None else None  # a missing file is reported before loading
+
     encoder, hparams, params = load_encoder_hparams_and_params(model_size, models_dir, model_dir)
     n_head = hparams["n_head"]
-    stop = (stop,) if isinstance(stop, str) else tuple(str(s) for s in stop)
-    options = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_at_endoftext=not ignore_endoftext,
-                   endoftext_id=encoder.encoder.get("<|endoftext|>"))
+    endoftext_id = encoder.encoder.get("<|endoftext|>")
+    options = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                   repetition_penalty=repetition_penalty, stop_at_endoftext=not ignore_endoftext,
+                   endoftext_id=endoftext_id)
+    times = dict(prefill_s=0.0, decode_s=0.0, decode_tokens=0, new_tokens=0)
 
     if score_file is not None:
-        ids = encoder.encode(read_text(score_file))
-        logprobs = score(ids, params, n_head)
+        ids = encoder.encode(read_text(text_file, score_file))
+        started, windows = time.perf_counter(), []
+        with progress(total=max(len(ids) - 1, 0), desc="scoring", unit="token") as bar:
+            for logprobs in score_windows(ids, params, n_head):
+                windows.append(logprobs)
+                bar.update(len(logprobs))
+        times["prefill_s"] = time.perf_counter() - started
+        logprobs = np.concatenate(windows)
         if per_token:
             for next_id, logprob in zip(ids[1:], logprobs):
                 print(f"{json.dumps(encoder.decode([next_id]), ensure_ascii=False)}\t{logprob:.6f}")
         nll = -float(np.mean(logprobs))
         print(f"tokens scored: {len(logprobs)}\nmean NLL: {nll:.6f}\nperplexity: {np.exp(nll):.6f}")
+        n_prompt = len(ids)
     elif prompts_file is not None:
-        prompts = read_text(prompts_file).splitlines()
-        outputs = generate_batch([encoder.encode(p) for p in prompts], params, n_head, n_tokens_to_generate, **options)
+        prompts = read_text(text_file, prompts_file).splitlines()
+        batch = [encoder.encode(p) for p in prompts]
+        steps = generate_batch_stream(batch, params, n_head, n_tokens_to_generate, seed=seed, **options)
+        steps = progress(timed(steps, times, len(batch)), total=n_tokens_to_generate, desc="generating", unit="step")
+        end_id = None if ignore_endoftext else endoftext(endoftext_id, hparams["n_vocab"])
+        outputs = batch_rows(steps, len(batch), end_id)
+        times["new_tokens"] = sum(len(ids) for ids in outputs)  # not the steps of rows that had ended
         for prompt, ids in zip(prompts, outputs):
             completion = "".join(stream_text(ids, encoder, stop))
             print(json.dumps({"prompt": prompt, "completion": completion}, ensure_ascii=False))
+        n_prompt = sum(max(len(ids), 1) for ids in batch)
     else:
-        text = read_text(prompt_file) if prompt_file is not None else str(prompt)
-        ids = generate_stream(encoder.encode(text), params, n_head, n_tokens_to_generate, **options)
-        for piece in stream_text(ids, encoder, stop):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        print()
+        text = prompt if prompt_file is None else read_prompt(text_file, prompt_file, encoder, hparams["n_ctx"])
+        ids = encoder.encode(text)
+        n_prompt = num_samples * max(len(ids), 1)
+        if num_samples == 1:
+            if echo:
+                sys.stdout.write(text)
+            new_ids = timed(generate_stream(ids, params, n_head, n_tokens_to_generate, seed=seed, **options), times)
+            for piece in stream_text(new_ids, encoder, stop):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            print()
+        else:
+            first_seed = seed if seed >= 0 else int(np.random.default_rng().integers(2**31))
+            for sample_seed in progress(range(first_seed, first_seed + num_samples), desc="sampling", unit="sample"):
+                new_ids = generate_stream(ids, params, n_head, n_tokens_to_generate, seed=sample_seed, **options)
+                completion = "".join(stream_text(timed(new_ids, times), encoder, stop))
+                print(json.dumps({"prompt": text, "seed": sample_seed, "completion": completion}, ensure_ascii=False),
+                      flush=True)
+    if verbose:
+        print(speed_line(n_prompt, times), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -63,12 +63,22 @@ def generate(inputs, params, n_head, n_tokens_to_generate):  # [n_seq] -> [<= n_
     return outputs
 
 
-def main(prompt="", n_tokens_to_generate=40, model_size="124M", models_dir="models"):
+def main(prompt="", /, n_tokens_to_generate=40, model_size="124M", models_dir="models"):
+    """Continue a text with GPT-2, always picking the most likely next token.
+
+    Args:
+        prompt: the text to continue; empty starts a fresh text.
+        n_tokens_to_generate: how many tokens to add at most; the prompt and they must fit the context.
+        model_size: 124M, 355M, 774M or 1558M, downloaded into models_dir on first use.
+        models_dir: where model sizes are kept.
+    """
+    if n_tokens_to_generate < 0:  # refused before loading, which may mean downloading
+        raise GPT2Error(f"n_tokens_to_generate must be >= 0, got {n_tokens_to_generate}", ["n_tokens_to_generate"])
     encoder, hparams, params = load_encoder_hparams_and_params(model_size, models_dir)
-    input_ids = encoder.encode(str(prompt)) or [50256]  # no prompt: start a fresh text
-    n_free = hparams["n_ctx"] - len(input_ids)  # the prompt and the new tokens share the context
-    if not isinstance(n_tokens_to_generate, int) or not 0 <= n_tokens_to_generate <= n_free:
-        raise GPT2Error(f"n_tokens_to_generate must be a whole number from 0 to {n_free}, got {n_tokens_to_generate!r}")
+    input_ids = encoder.encode(prompt) or [50256]  # no prompt: start a fresh text
+    if len(input_ids) + n_tokens_to_generate > hparams["n_ctx"]:  # the prompt and the new tokens share the context
+        raise GPT2Error(f"the prompt ({len(input_ids)} tokens) and n_tokens_to_generate ({n_tokens_to_generate}) must "
+                        f"fit the context of {hparams['n_ctx']}", ["n_tokens_to_generate"])
     print(encoder.decode(generate(input_ids, params, hparams["n_head"], n_tokens_to_generate)))
 
 

@@ -67,7 +67,7 @@ def main(data: str | None = None, out_dir="out", init_from=SCRATCH, resume=False
         gradient_accumulation_steps: micro-batches per optimizer step; their gradients are averaged.
         max_iters: optimizer steps to train for.
         learning_rate: the peak learning rate.
-        decay_lr: warm up, then decay along a cosine to min_lr; False keeps learning_rate throughout.
+        decay_lr: warm up, then decay along a cosine to min_lr; off (--no_decay_lr) keeps learning_rate throughout.
         warmup_iters: steps of linear warmup.
         lr_decay_iters: the step at which the cosine reaches min_lr.
         min_lr: the learning rate at the end of the decay.
@@ -93,15 +93,16 @@ def main(data: str | None = None, out_dir="out", init_from=SCRATCH, resume=False
         encoder, hparams, params = initial_model(init_from, models_dir, n_layer, n_head, n_embd, block_size, seed)
         optimizer, rng = adamw_init(params), np.random.default_rng([seed, 1])
     if block_size > hparams["n_ctx"]:
-        raise GPT2Error(f"--block_size {block_size} is more than the {hparams['n_ctx']} positions of the context of "
-                        f"--init_from {init_from}: choose a --block_size of at most {hparams['n_ctx']}")
+        raise GPT2Error(f"block_size {block_size} is more than the {hparams['n_ctx']} positions of the context of "
+                        f"init_from {init_from}: choose a block_size of at most {hparams['n_ctx']}",
+                        arguments=("block_size", "init_from"))
     make_out_dir(out_dir)
     train_tokens, val_tokens = split(prepare(data, encoder, out_dir))
     for name, tokens in (("training", train_tokens), ("validation", val_tokens)):
         if len(tokens) < block_size + 1:
             raise GPT2Error(f"{data} gives {len(train_tokens) + len(val_tokens)} tokens, so its {name} part has "
-                            f"{len(tokens)}, fewer than --block_size + 1 = {block_size + 1}: give a longer text "
-                            "or a smaller --block_size")
+                            f"{len(tokens)}, fewer than block_size + 1 = {block_size + 1}: give a longer text "
+                            "or a smaller block_size", arguments=("block_size",))
 
     n_head, step = hparams["n_head"], optimizer["step"]
     n_params = sum(a.size for _, a in leaves(params))
@@ -161,20 +162,21 @@ def stop_unless_finite(values, step, saved_step, out_dir):
             if saved_step is not None:
                 kept = f"the last good checkpoint, step {saved_step}, is kept in {out_dir}"
             raise GPT2Error(f"the {name.replace('_', ' ')} became {value} at step {step}, so training stopped and "
-                            f"{kept}: try a lower --learning_rate or a longer --warmup_iters")
+                            f"{kept}: try a lower learning_rate or a longer warmup_iters",
+                            arguments=("learning_rate", "warmup_iters"))
 
 
 def check_flags(flags):
     """A GPT2Error naming the first flag whose value no run could use, before anything is loaded or written."""
-    def need(ok, name, what):
+    def need(ok, name, what, *also_named):
         if not ok:
-            raise GPT2Error(f"--{name} must be {what}, got {flags[name]!r}")
+            raise GPT2Error(f"{name} must be {what}, got {flags[name]!r}", arguments=(name, *also_named))
 
     def finite(name):
         return gpt2.is_number(flags[name]) and math.isfinite(flags[name])
 
     if flags["data"] is None:
-        raise GPT2Error("give the text to train on with --data FILE")
+        raise GPT2Error("give the text to train on as data", arguments=("data",))
     for name in ("resume", "decay_lr"):
         need(isinstance(flags[name], bool), name, "True or False")
     for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
@@ -187,17 +189,17 @@ def check_flags(flags):
         need(finite(name) and flags[name] >= 0, name, "a finite number >= 0")
     for name in ("beta1", "beta2"):
         need(finite(name) and 0 <= flags[name] < 1, name, "a number in [0, 1)")
-    need(flags["n_embd"] % flags["n_head"] == 0, "n_embd", f"a multiple of --n_head ({flags['n_head']})")
+    need(flags["n_embd"] % flags["n_head"] == 0, "n_embd", f"a multiple of n_head ({flags['n_head']})", "n_head")
     if flags["init_from"] != SCRATCH:
         for name, default in SHAPE_DEFAULTS.items():
             if flags[name] != default:
-                raise GPT2Error(f"--{name} sets the shape of a new model, but --init_from {flags['init_from']} has its "
-                                f"own: drop --{name}, or train from scratch")
+                raise GPT2Error(f"{name} sets the shape of a new model, but init_from {flags['init_from']} has its "
+                                f"own: drop {name}, or train from scratch", arguments=(name, "init_from"))
 
 
 def check_text_file(path):
     if not path.is_file():
-        raise GPT2Error(f"{path} is not a file: give the text to train on with --data")
+        raise GPT2Error(f"{path} is not a file: give the text to train on as data", arguments=("data",))
     if path.stat().st_size == 0:
         raise GPT2Error(f"{path} is empty: give a text to train on")
 
@@ -222,8 +224,8 @@ def writable(tree):  # the loader's arrays are read-only memory maps, maybe non-
 
 def refuse_to_overwrite(out_dir):
     if any((out_dir / name).exists() for name in (*CHECKPOINT_FILES, SAVED)):
-        raise GPT2Error(f"{out_dir} already holds a model: add --resume to continue training it, "
-                        "or give another --out_dir")
+        raise GPT2Error(f"{out_dir} already holds a model: set resume to continue training it, "
+                        "or give another out_dir", arguments=("resume", "out_dir"))
 
 
 def make_out_dir(out_dir):
@@ -233,7 +235,8 @@ def make_out_dir(out_dir):
         with tempfile.TemporaryFile(dir=out_dir):
             pass
     except OSError as e:
-        raise GPT2Error(f"cannot write in --out_dir {out_dir} ({e.strerror}): give a folder you can write to") from None
+        raise GPT2Error(f"cannot write in out_dir {out_dir} ({e.strerror}): give a folder you can write to",
+                        arguments=("out_dir",)) from None
     shutil.rmtree(out_dir / SAVING, ignore_errors=True)
 
 
@@ -367,10 +370,12 @@ def load_checkpoint(out_dir):
     """(encoder, hparams, params, optimizer, rng, flags) of the checkpoint in out_dir, each checked."""
     missing = [name for name in CHECKPOINT_FILES if not (out_dir / name).is_file()]
     if len(missing) == len(CHECKPOINT_FILES):
-        raise GPT2Error(f"{out_dir} holds no checkpoint to resume: run without --resume to start training")
-    fix = "resume from a whole checkpoint, or run without --resume to start again in another --out_dir"
+        raise GPT2Error(f"{out_dir} holds no checkpoint to continue: run without resume to start training",
+                        arguments=("resume",))
+    fix = "continue from a whole checkpoint, or run without resume to start again in another out_dir"
+    fix_names = ("resume", "out_dir")
     if missing:
-        raise GPT2Error(f"the checkpoint in {out_dir} lacks {', '.join(missing)}: {fix}")
+        raise GPT2Error(f"the checkpoint in {out_dir} lacks {', '.join(missing)}: {fix}", arguments=fix_names)
     encoder, hparams, params = load_encoder_hparams_and_params(model_dir=out_dir)
     state_path = out_dir / "train_state.json"
     try:
@@ -381,7 +386,7 @@ def load_checkpoint(out_dir):
         if not gpt2.is_int(step) or step < 0 or not isinstance(flags, dict):
             raise ValueError("a step or flags that no run saves")
     except (OSError, ValueError, TypeError, KeyError) as e:
-        raise GPT2Error(f"{state_path} is damaged ({e}): {fix}") from None
+        raise GPT2Error(f"{state_path} is damaged ({e}): {fix}", arguments=fix_names) from None
     optimizer_path = out_dir / "optimizer.safetensors"
     tensors = load_safetensors(optimizer_path)
     optimizer = {"step": step}
@@ -395,8 +400,8 @@ def load_checkpoint(out_dir):
 def check_same_model(saved_flags, flags, out_dir):
     for name in MODEL_FLAGS:
         if saved_flags.get(name) != flags[name]:
-            raise GPT2Error(f"the run in {out_dir} was started with --{name} {saved_flags.get(name)}, not "
-                            f"{flags[name]}: resume with the flags it was started with")
+            raise GPT2Error(f"the run in {out_dir} was started with {name} {saved_flags.get(name)}, not "
+                            f"{flags[name]}: continue it with the settings it was started with", arguments=(name,))
 
 
 if __name__ == "__main__":

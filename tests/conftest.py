@@ -32,16 +32,20 @@ SHAPES = {
 }
 
 
-# Nothing listens on port 1: a run that tries to download fails at once instead of reaching the network.
+# Nothing listens on port 1: a command that tries to download fails at once instead of reaching the network.
 OFFLINE = dict(os.environ, GPT2_BASE_URL="http://127.0.0.1:1")
 
 
-def run_script(script, *args, stdin=None):
-    """Run one of the project's command lines in a subprocess, offline; -> the CompletedProcess."""
-    return subprocess.run(
-        [sys.executable, str(ROOT / script), *map(str, args)],
-        capture_output=True, text=True, encoding="utf-8", input=stdin, env=OFFLINE, timeout=300,
+def run_script(script, *args, stdin=None, env=None):
+    """Run a script of the repository (or the script at an absolute path) in a subprocess, offline unless env says
+    otherwise. args may hold bytes, for text that is not UTF-8. stdout and stderr come back as text exactly as
+    written: no newline is translated."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / script), *(a if isinstance(a, bytes) else str(a) for a in args)],
+        capture_output=True, input=None if stdin is None else stdin.encode(), env=env or OFFLINE, timeout=300,
     )
+    result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode(errors="backslashreplace")
+    return result
 
 
 def assert_clean_error(result, *words):
@@ -49,7 +53,7 @@ def assert_clean_error(result, *words):
     assert result.returncode != 0, result.stdout
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     for word in words:
         assert word in lines[0]
 

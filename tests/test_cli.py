@@ -2,18 +2,29 @@
 
 What each run should print is computed here through the Python API on the same model folder.
 """
+import ast
+import fcntl
+import inspect
 import json
+import os
+import pty
+import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import termios
 
+import numpy as np
 import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 import gpt2
-from conftest import OFFLINE, ROOT, assert_clean_error
-from conftest import run_script as run
-from utils import load_encoder_hparams_and_params
+import gpt2_pico
+from conftest import OFFLINE, ROOT, assert_clean_error, run_script as run
+from utils import load_encoder_hparams_and_params, save_hf_folder
 
 TURING = "Alan Turing theorized that computers would one day become"
 SCRIPTS = ["gpt2.py", "gpt2_pico.py"]
@@ -79,9 +90,10 @@ def test_missing_model_without_network_is_a_clear_error_and_leaves_no_model_file
     assert all(name.endswith(".part") or name.startswith(".") for name in left), left
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-@pytest.mark.parametrize("hparams_text", ["", "{not json", '{"n_vocab": 50257}', "[1, 2]"])
-def test_broken_hparams_json_is_a_clear_error(script, hparams_text, models_dir, tmp_path):
+@pytest.mark.parametrize("script, hparams_text", [("gpt2.py", ""), ("gpt2.py", "{not json"),
+                                                  ("gpt2.py", '{"n_vocab": 50257}'), ("gpt2.py", "[1, 2]"),
+                                                  ("gpt2_pico.py", "{not json")])
+def test_broken_hparams_json_is_fetched_again_and_named_when_that_fails(script, hparams_text, models_dir, tmp_path):
     shutil.copytree(models_dir / "124M", tmp_path / "124M")
     (tmp_path / "124M" / "hparams.json").write_text(hparams_text)
     assert_clean_error(run(script, TURING, "--models_dir", tmp_path), "hparams.json")
@@ -140,12 +152,14 @@ def test_score_file_prints_the_scores_the_api_computes(models_dir, model, tmp_pa
     ]
 
 
-def test_help_lists_every_flag():
-    result = run("gpt2.py", "--help")
-    assert result.returncode == 0
-    for flag in ("n_tokens_to_generate", "model_size", "models_dir", "model_dir", "temperature", "top_k", "top_p",
-                 "seed", "stop", "ignore_endoftext", "prompt_file", "prompts_file", "score_file", "per_token"):
-        assert f"--{flag}" in result.stderr, flag  # where python-fire writes help
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_goes_to_stdout_and_lists_every_parameter_of_main(script):
+    result = run(script, "--help")
+    assert (result.returncode, result.stderr) == (0, "")
+    main = {"gpt2.py": gpt2.main, "gpt2_pico.py": gpt2_pico.main}[script]
+    for name, parameter in inspect.signature(main).parameters.items():
+        shown = name.upper() if parameter.kind is parameter.POSITIONAL_ONLY else f"--{name}"
+        assert shown in result.stdout, name
 
 
 def test_ctrl_c_keeps_what_was_printed_and_exits_130(models_dir):
@@ -173,3 +187,281 @@ def test_batch_that_overflows_the_context_is_a_clear_error(models_dir, tmp_path)
 def test_empty_prompts_file_is_a_clear_error(models_dir, tmp_path):
     (tmp_path / "empty.txt").write_text("", encoding="utf-8")
     assert_clean_error(run("gpt2.py", "--prompts_file", tmp_path / "empty.txt", "--models_dir", models_dir), "no prompts")
+
+
+# --- the text arrives as typed ------------------------------------------------------------------------------------
+
+# python-fire read "Hello, world" as the tuple ('Hello', 'world') and "Python # the language" as Python; the
+# hypothesis test below tries many more
+AWKWARD_PROMPTS = ["Hello, world", "Python # the language", 'True, [1, 2], "1e3" and \\n', "-5 degrees"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_prompt_reaches_the_model_exactly_as_typed(script, models_dir, model, tmp_path):
+    for prompt in AWKWARD_PROMPTS[: 2 if script == "gpt2_pico.py" else None]:
+        (tmp_path / "prompt.txt").write_text(prompt, encoding="utf-8")
+        typed = run(script, prompt, "--n_tokens_to_generate", 4, "--models_dir", models_dir)
+        assert typed.returncode == 0, typed.stderr
+        assert typed.stdout == continuation(model, prompt, 4) + "\n", prompt
+        if script == "gpt2.py":
+            from_file = run(script, "--prompt_file", tmp_path / "prompt.txt", "--n_tokens_to_generate", 4,
+                            "--models_dir", models_dir)
+            assert from_file.stdout == typed.stdout, prompt
+
+
+FRAGMENTS = ["Hello, world", "#", " # comment", "True", "None", "1e3", "0x1F", "[1, 2]", "{'a': 1}", '"', "'",
+             "\\", "\\n", "(a, b)", "--", "=", "$HOME", "*", "é", "日本", "🎉", " "]
+TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=4)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.one_of(st.sampled_from(FRAGMENTS), TEXT), min_size=1, max_size=4).map("".join))
+def test_the_cli_continues_any_text_as_the_api_does(models_dir, model, prompt):
+    encoder, hparams, _ = model
+    assume(len(encoder.encode(prompt)) <= hparams["n_ctx"])
+    # a text that begins with - goes after --, as for every Unix tool
+    args = ["--", prompt] if prompt.startswith("-") else [prompt]
+    result = run("gpt2.py", "--n_tokens_to_generate", 3, "--models_dir", models_dir, *args)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == continuation(model, prompt, 3) + "\n"
+
+
+def test_stop_reads_escapes_and_may_be_repeated(models_dir, model):
+    full = continuation(model, TURING, 12)
+    first, later = full[len(full) // 2 :][:2], full[-2:]
+    # an escape written for the first stop string's first character, which is what arrives
+    escaped = f"\\x{ord(first[0]):02x}" + first[1:] if ord(first[0]) < 256 else f"\\u{ord(first[0]):04x}" + first[1:]
+    result = run("gpt2.py", TURING, "--n_tokens_to_generate", 12, "--stop", later, "--stop", escaped, "--models_dir",
+                 models_dir)
+    assert result.stdout == full[: min(full.index(first), full.index(later))] + "\n"
+
+
+def test_a_stop_string_that_looks_like_a_number_is_text(models_dir, model):
+    full = continuation(model, TURING, 12)
+    stop = full[len(full) // 2]
+    result = run("gpt2.py", TURING, "--n_tokens_to_generate", 12, "--stop", "1", "--stop", stop, "--models_dir",
+                 models_dir)
+    cut = min(full.index(stop), full.index("1") if "1" in full else len(full))
+    assert result.stdout == full[:cut] + "\n"
+
+
+@pytest.mark.parametrize("typed", ["\\n", "\\t|", "a\\\\n", "\\x41\\u00e9", "end.", "日本", "\\\\"])
+def test_stop_escapes_read_as_python_reads_them(typed):
+    assert gpt2.unescape(typed, "stop") == ast.literal_eval(f'"{typed}"')
+
+
+# --- refusing what cannot be honoured -------------------------------------------------------------------------------
+# (that nothing is downloaded before these refusals is proven in test_download.py)
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_text_that_is_not_utf8_is_refused(script, models_dir):
+    result = run(script, b"caf\xe9", "--models_dir", models_dir)
+    assert_clean_error(result, "UTF-8", "caf\\xe9")
+    assert result.returncode == 2
+
+
+def test_a_prompt_file_no_context_could_hold_is_refused_after_a_bounded_read(models_dir):
+    # /dev/zero never ends: read whole, it would fill the memory
+    assert_clean_error(run("gpt2.py", "--prompt_file", "/dev/zero", "--models_dir", models_dir), "--prompt_file",
+                       "/dev/zero", "32 tokens")
+
+
+def test_output_into_a_reader_that_closes_early_ends_quietly(models_dir):
+    generator = subprocess.Popen(
+        [sys.executable, str(ROOT / "gpt2.py"), TURING, "--n_tokens_to_generate", str(10**6), "--ignore_endoftext",
+         "--models_dir", str(models_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=OFFLINE)
+    head = subprocess.run(["head", "-c", "5"], stdin=generator.stdout, capture_output=True, timeout=120)
+    generator.stdout.close()
+    _, stderr = generator.communicate(timeout=120)
+    assert len(head.stdout) == 5
+    assert stderr == b""
+    assert generator.returncode == 128 + signal.SIGPIPE  # what a shell reports for a tool that SIGPIPE stopped
+
+
+@pytest.fixture(scope="module")
+def hf_dir(model, tmp_path_factory):
+    """The fixture model in Hugging Face's layout (config.json, vocab.json, merges.txt, model.safetensors)."""
+    encoder, hparams, params = model
+    folder = tmp_path_factory.mktemp("hf") / "tiny"
+    save_hf_folder(folder, hparams, params, encoder)
+    return folder
+
+
+DEEP_JSON = "[" * 100_000 + "]" * 100_000  # deeper than Python's recursion limit
+
+
+@pytest.mark.parametrize("layout, name", [("openai", "hparams.json"), ("openai", "encoder.json"),
+                                          ("hf", "config.json"), ("hf", "vocab.json"), ("hf", "model.safetensors")])
+def test_json_nested_deeper_than_python_recurses_is_a_clear_error(layout, name, models_dir, hf_dir, tmp_path):
+    shutil.copytree(models_dir / "124M" if layout == "openai" else hf_dir, tmp_path / "model")
+    if name == "model.safetensors":  # the header is JSON: an 8-byte length, then the text
+        (tmp_path / "model" / name).write_bytes(len(DEEP_JSON).to_bytes(8, "little") + DEEP_JSON.encode())
+    else:
+        (tmp_path / "model" / name).write_text(DEEP_JSON)
+    assert_clean_error(run("gpt2.py", TURING, "--model_dir", tmp_path / "model"), name)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_damaged_weights_are_reported_as_such(value, model, tmp_path):
+    encoder, hparams, params = model
+    damaged = dict(params, ln_f=dict(params["ln_f"], g=np.full_like(params["ln_f"]["g"], value)))
+    save_hf_folder(tmp_path / "model", hparams, damaged, encoder)
+    (tmp_path / "text.txt").write_text(TURING, encoding="utf-8")
+    (tmp_path / "prompts.txt").write_text("Hello\nThe quick brown fox\n", encoding="utf-8")
+    every_mode = ([TURING], [TURING, "--temperature", 1], ["--score_file", tmp_path / "text.txt"],
+                  ["--prompts_file", tmp_path / "prompts.txt", "--n_tokens_to_generate", 5])
+    for args in every_mode if np.isnan(value) else every_mode[:1]:
+        result = run("gpt2.py", *args, "--model_dir", tmp_path / "model")
+        assert_clean_error(result, "NaN", "weights are damaged")
+
+
+@pytest.mark.parametrize("args, warning", [
+    (["--top_k", 5, "--min_p", 0.1], "--top_k and --min_p have no effect at temperature 0"),
+    (["--seed", 7], "--seed has no effect at temperature 0"),
+    (["--per_token"], "--per_token has no effect without --score_file"),
+])
+def test_an_option_without_effect_is_one_warning_and_the_work_still_runs(args, warning, models_dir, model):
+    result = run("gpt2.py", TURING, "--n_tokens_to_generate", 5, *args, "--models_dir", models_dir)
+    assert result.returncode == 0
+    assert result.stdout == continuation(model, TURING, 5) + "\n"
+    assert result.stderr.splitlines() == [result.stderr.strip()] and result.stderr.startswith(f"warning: {warning}")
+
+
+def test_generation_options_say_they_do_nothing_when_scoring(models_dir, tmp_path):
+    (tmp_path / "text.txt").write_text(TURING, encoding="utf-8")
+    result = run("gpt2.py", "--score_file", tmp_path / "text.txt", "--temperature", 0.7, "--stop", ".",
+                 "--models_dir", models_dir)
+    assert result.returncode == 0 and result.stdout.startswith("tokens scored: ")
+    assert result.stderr == "warning: --temperature and --stop have no effect with --score_file, which generates " \
+                            "nothing\n"
+
+
+# --- what people expect of a generate command ----------------------------------------------------------------------
+
+def test_seed_minus_one_draws_a_fresh_seed_that_reproduces_its_sample(models_dir, model):
+    result = run("gpt2.py", TURING, "--num_samples", 2, "--temperature", 1, "--seed", -1, "--n_tokens_to_generate",
+                 6, "--models_dir", models_dir)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert rows[1]["seed"] == rows[0]["seed"] + 1 >= 1
+    again = run("gpt2.py", TURING, "--temperature", 1, "--seed", rows[1]["seed"], "--n_tokens_to_generate", 6,
+                "--models_dir", models_dir)
+    assert again.stdout == rows[1]["completion"] + "\n"
+
+
+def test_num_samples_prints_each_sample_as_the_api_draws_it_with_seed_plus_its_index(models_dir, model):
+    options = dict(temperature=1.0, top_k=50, repetition_penalty=1.3, min_p=0.05)
+    result = run("gpt2.py", TURING, "--num_samples", 3, "--seed", 5, "--n_tokens_to_generate", 6, "--models_dir",
+                 models_dir, *(str(part) for name, value in options.items() for part in (f"--{name}", value)))
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line) for line in result.stdout.splitlines()] == [
+        {"prompt": TURING, "seed": seed, "completion": continuation(model, TURING, 6, seed=seed, **options)}
+        for seed in (5, 6, 7)
+    ]
+
+
+def test_echo_prints_the_prompt_before_the_continuation(models_dir, model):
+    result = run("gpt2.py", TURING, "--echo", "--n_tokens_to_generate", 5, "--models_dir", models_dir)
+    assert result.stdout == TURING + continuation(model, TURING, 5) + "\n"
+
+
+def test_verbose_ends_with_one_line_of_counts_and_speeds_on_stderr(models_dir, model):
+    result = run("gpt2.py", TURING, "--verbose", "--n_tokens_to_generate", 5, "--models_dir", models_dir)
+    assert result.stdout == continuation(model, TURING, 5) + "\n"
+    match = re.fullmatch(r"prompt tokens: (\d+), new tokens: (\d+), prefill: [\d.]+ tokens/s, "
+                         r"decode: [\d.]+ tokens/s\n", result.stderr)
+    assert match, result.stderr
+    encoder, hparams, params = model
+    new_ids = gpt2.generate(encoder.encode(TURING), params, hparams["n_head"], 5)
+    assert (int(match[1]), int(match[2])) == (len(encoder.encode(TURING)), len(new_ids))
+
+
+@pytest.mark.parametrize("n_threads", [1, 3])
+def test_threads_sets_the_thread_count_of_the_blas_numpy_loaded(n_threads, models_dir):
+    # threadpoolctl, not this project, reads back the count from the OpenBLAS that numpy loaded before the flag
+    script = (f"import json, runpy, sys; sys.path.insert(0, {str(ROOT)!r})\n"
+              f"sys.argv = ['gpt2.py', 'Hi', '--n_tokens_to_generate', '1', '--threads', '{n_threads}', "
+              f"'--models_dir', {str(models_dir)!r}]\n"
+              f"runpy.run_path({str(ROOT / 'gpt2.py')!r}, run_name='__main__')\n"
+              "from threadpoolctl import threadpool_info\n"
+              "print(json.dumps([pool['num_threads'] for pool in threadpool_info() if pool['user_api'] == 'blas']))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=OFFLINE, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1]) == [n_threads]
+
+
+def run_with_stderr_on_a_terminal(*args):
+    """Run gpt2.py with stderr on a pseudo-terminal, as in an interactive shell -> (stdout, stderr)."""
+    terminal, stderr_end = pty.openpty()
+    fcntl.ioctl(stderr_end, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 24 x 100, as a terminal has
+    process = subprocess.Popen([sys.executable, str(ROOT / "gpt2.py"), *map(str, args)], stdout=subprocess.PIPE,
+                               stderr=stderr_end, env=OFFLINE)
+    os.close(stderr_end)
+    stderr = b""
+    while True:
+        try:
+            chunk = os.read(terminal, 4096)
+        except OSError:  # the process has closed the terminal
+            break
+        if not chunk:
+            break
+        stderr += chunk
+    os.close(terminal)
+    stdout = process.stdout.read()
+    assert process.wait(timeout=60) == 0, stderr
+    return stdout.decode(), stderr.decode(errors="replace")
+
+
+@pytest.mark.parametrize("flag, name, label", [("--score_file", "text.txt", "scoring"),
+                                               ("--prompts_file", "prompts.txt", "generating")])
+def test_scoring_and_batches_show_a_bar_on_a_terminal_and_stdout_stays_clean(flag, name, label, models_dir, tmp_path):
+    (tmp_path / name).write_text("GPT-2 scores every token of a text, " * 6 if flag == "--score_file" else
+                                 "Hello\nThe quick brown fox\n", encoding="utf-8")
+    args = (flag, tmp_path / name, "--models_dir", models_dir) + (("--n_tokens_to_generate", 5) if label == "generating"
+                                                                   else ())
+    stdout, stderr = run_with_stderr_on_a_terminal(*args)
+    assert label in stderr and "%|" in stderr  # tqdm's bar
+    piped = run("gpt2.py", *args)
+    assert stdout == piped.stdout and piped.stderr == ""  # no bar when stderr is not a terminal
+
+
+def test_run_cli_gives_any_main_an_exact_command_line(tmp_path):
+    # what train.py and bench.py get too: flags typed by default or annotation, switches, repeatable flags, help
+    (tmp_path / "toy.py").write_text(f"""import sys
+sys.path.insert(0, {str(ROOT)!r})
+from utils import GPT2Error, run_cli
+
+
+def main(n_layer=2, learning_rate=3e-4, out_dir: str | None = None, max_iters: int | None = None, compile=True,
+         eval_only=False, tags: tuple[str, ...] = ()):
+    \"\"\"Train a toy model.
+
+    Args:
+        n_layer: how many blocks.
+        learning_rate: AdamW's step
+            size, on two lines.
+        out_dir: where checkpoints go.
+        max_iters: stop after this many steps.
+        compile: a switch that is on unless turned off.
+        eval_only: a switch that is off unless turned on.
+        tags: a label; give it as often as wanted.
+    \"\"\"
+    if n_layer < 1:
+        raise GPT2Error(f"n_layer must be at least 1, got {{n_layer}}", arguments=("n_layer",))
+    print(repr((n_layer, learning_rate, out_dir, max_iters, compile, eval_only, tags)))
+
+
+run_cli(main)
+""")
+    toy = tmp_path / "toy.py"
+    assert run(toy).stdout == repr((2, 3e-4, None, None, True, False, ())) + "\n"
+    given = run(toy, "--n_layer", 4, "--learning_rate", "1e-3", "--out_dir", "1e3", "--max_iters", 10,
+                "--no_compile", "--eval_only", "--tags", "a, b", "--tags", "#c")
+    assert given.stdout == repr((4, 1e-3, "1e3", 10, False, True, ("a, b", "#c"))) + "\n"
+    help_text = run(toy, "--help").stdout
+    assert "Train a toy model." in help_text and "AdamW's step size, on two lines." in help_text
+    assert "--no_compile" in help_text and "--eval_only" in help_text
+    assert_clean_error(run(toy, "--n_layer", 0), "--n_layer must be at least 1")
+    assert_clean_error(run(toy, "--max_iters", "1e3"), "--max_iters", "whole number")
+    assert_clean_error(run(toy, "--learning_rate", "inf"), "--learning_rate")
+    assert_clean_error(run(toy, "--n_lay", 3), "--n_lay", "--n_layer")

@@ -5,8 +5,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from transformers.generation.logits_process import MinPLogitsWarper, RepetitionPenaltyLogitsProcessor
+
 import gpt2
-from utils import GPT2Error
+from utils import GPT2Error, GPT2Warning
 
 PROMPT = [464, 3290, 286, 1204, 318]
 
@@ -38,7 +40,7 @@ def test_sampling_draws_from_the_softmax(tiny):
     logits = gpt2.gpt2(PROMPT, **params, n_head=n_head)[-1]
     probs = gpt2.softmax(logits.astype(np.float64))
     rng = np.random.default_rng(0)
-    draws = np.array([gpt2.choose(logits, 1.0, None, 1.0, rng) for _ in range(4000)])
+    draws = np.array([gpt2.choose(logits, rng, temperature=1.0) for _ in range(4000)])
     top = int(np.argmax(probs))
     assert abs(np.mean(draws == top) - probs[top]) < 4 * np.sqrt(probs[top] * (1 - probs[top]) / 4000)
 
@@ -69,19 +71,31 @@ def test_top_k_keeps_the_k_most_likely_tokens(weights, top_k):
 
 
 @pytest.mark.parametrize(
-    "options, flag",
+    "options, argument",
     [
-        (dict(temperature=-0.5), "--temperature"),
-        (dict(temperature=1.0, top_k=0), "--top_k"),
-        (dict(temperature=1.0, top_k=50258), "--top_k"),
-        (dict(temperature=1.0, top_p=0.0), "--top_p"),
-        (dict(temperature=1.0, top_p=1.5), "--top_p"),
+        (dict(temperature=-0.5), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(temperature=1.0, top_k=0), "top_k"),
+        (dict(temperature=1.0, top_k=50258), "top_k"),
+        (dict(temperature=1.0, top_k=2.0), "top_k"),
+        (dict(temperature=1.0, top_p=0.0), "top_p"),
+        (dict(temperature=1.0, top_p=1.5), "top_p"),
+        (dict(temperature=1.0, min_p=-0.1), "min_p"),
+        (dict(temperature=1.0, min_p=1.5), "min_p"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(repetition_penalty=float("inf")), "repetition_penalty"),
+        (dict(temperature=1.0, seed=-2), "seed"),
+        (dict(temperature=1.0, seed=3.5), "seed"),
     ],
 )
-def test_invalid_sampling_values_are_a_clear_error(tiny, options, flag):
+def test_invalid_sampling_values_are_an_error_that_names_the_argument(tiny, options, argument):
     _, params, n_head = tiny
-    with pytest.raises(GPT2Error, match=flag):
-        gpt2.generate(PROMPT, params, n_head, 3, **options)
+    for run in (lambda: gpt2.generate(PROMPT, params, n_head, 3, **options),
+                lambda: gpt2.generate_batch([PROMPT], params, n_head, 3, **options)):
+        with pytest.raises(GPT2Error, match=f"^{argument} must be ") as info:
+            run()
+        assert "--" not in str(info.value)  # the Python API speaks of arguments; the command line of flags
+        assert info.value.arguments == (argument,)
 
 
 TEXTS = ["日本語のテキスト、中文文本", "emoji 🎉👩‍👩‍👧🇯🇵 and café", "plain ascii, nothing held back"]
@@ -158,3 +172,91 @@ def test_scoring_a_single_token_is_a_clear_error(tiny):
     _, params, n_head = tiny
     with pytest.raises(GPT2Error, match="at least 2 tokens"):
         gpt2.score([464], params, n_head)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.floats(0.05, 5.0), st.lists(st.integers(0, 999), max_size=40))
+def test_repetition_penalty_is_hugging_faces(seed, penalty, ids):
+    logits = np.random.default_rng(seed).normal(0, 3, 1000).astype(np.float32)
+    seen = np.zeros(1000, dtype=bool)
+    seen[ids] = True
+    theirs = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([ids], dtype=torch.long),
+                                                       torch.from_numpy(logits[None].copy()))[0].numpy()
+    np.testing.assert_array_equal(gpt2.penalize_repetition(logits, seen, penalty), theirs)
+
+
+def test_greedy_generation_with_a_repetition_penalty_equals_hugging_faces(loaded_model, hf_model):
+    encoder, hparams, params = loaded_model("tiny")
+    prompt = PROMPT + PROMPT  # repeats already in the prompt are penalised too
+    n_new = hparams["n_ctx"] - len(prompt)
+    with torch.no_grad():
+        expected = hf_model("tiny").generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), do_sample=False,
+            repetition_penalty=1.3, max_new_tokens=n_new, min_new_tokens=n_new, pad_token_id=encoder.encoder["<|endoftext|>"],
+        )[0, len(prompt):].tolist()
+    ours = gpt2.generate(prompt, params, hparams["n_head"], n_new, repetition_penalty=1.3, stop_at_endoftext=False)
+    assert ours == expected
+    assert ours != gpt2.generate(prompt, params, hparams["n_head"], n_new, stop_at_endoftext=False)  # it mattered
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.floats(0.0, 1.0), st.floats(0.1, 10.0))
+def test_min_p_keeps_the_tokens_hugging_faces_min_p_keeps(seed, min_p, spread):
+    logits = np.random.default_rng(seed).normal(0, spread, 1000)
+    probs = np.exp(gpt2.log_softmax(logits))
+    theirs = MinPLogitsWarper(min_p)(None, torch.from_numpy(logits[None]))[0].numpy() > -np.inf
+    kept = gpt2.filter_probs(probs, min_p=min_p) > 0
+    np.testing.assert_array_equal(kept, theirs)
+    np.testing.assert_allclose(gpt2.filter_probs(probs, min_p=min_p)[kept], probs[kept] / probs[kept].sum())
+
+
+def test_min_p_of_one_keeps_only_the_most_likely_token(tiny):
+    _, params, n_head = tiny
+    greedy = gpt2.generate(PROMPT, params, n_head, 20)
+    assert gpt2.generate(PROMPT, params, n_head, 20, temperature=1.0, min_p=1.0, seed=5) == greedy
+
+
+def test_options_that_greedy_ignores_warn_naming_the_arguments(tiny):
+    _, params, n_head = tiny
+    with pytest.warns(GPT2Warning, match=r"^top_k and min_p have no effect at temperature 0") as record:
+        ids = gpt2.generate(PROMPT, params, n_head, 5, top_k=5, min_p=0.1)
+    assert record[0].message.arguments == ("top_k", "min_p")
+    assert ids == gpt2.generate(PROMPT, params, n_head, 5)
+
+
+def test_seed_minus_one_samples_from_a_fresh_seed(tiny):
+    _, params, n_head = tiny
+    assert len(gpt2.generate(PROMPT, params, n_head, 5, temperature=1.0, seed=-1, stop_at_endoftext=False)) == 5
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_damaged_weights_are_an_error_not_a_token(value, loaded_model):
+    _, hparams, params = loaded_model("tiny")
+    damaged = dict(params, ln_f=dict(params["ln_f"], g=np.full_like(params["ln_f"]["g"], value)))
+    n_head = hparams["n_head"]
+    for run in (lambda: gpt2.generate(PROMPT, damaged, n_head, 3),
+                lambda: gpt2.generate(PROMPT, damaged, n_head, 3, temperature=1.0),
+                lambda: gpt2.generate_batch([PROMPT, PROMPT[:2]], damaged, n_head, 3),
+                lambda: gpt2.score(PROMPT, damaged, n_head)):
+        with pytest.raises(GPT2Error, match="the model produced NaN: its weights are damaged"):
+            run()
+
+
+def test_each_tokens_log_probability_equals_hugging_faces(loaded_model, hf_model):
+    _, hparams, params = loaded_model("tiny")
+    ids = [int(i) for i in np.random.default_rng(1).integers(0, 50256, hparams["n_ctx"])]
+    with torch.no_grad():
+        logits = hf_model("tiny")(torch.tensor([ids])).logits[0, :-1].double()
+    expected = torch.log_softmax(logits, dim=-1)[torch.arange(len(ids) - 1), ids[1:]].numpy()
+    assert np.abs(gpt2.score(ids, params, hparams["n_head"]) - expected).max() <= 1e-4
+
+
+def test_scoring_in_windows_gives_each_token_the_log_probability_of_its_own_window(loaded_model):
+    # the second window's tokens, scored by the model on that window alone: the vocabulary projection of only the
+    # positions a window scores must not shift which position scores which token
+    _, hparams, params = loaded_model("tiny")
+    n_ctx, n_head = hparams["n_ctx"], hparams["n_head"]
+    ids = [int(i) for i in np.random.default_rng(2).integers(0, 50256, n_ctx + n_ctx // 2)]
+    window = ids[n_ctx // 2 :]
+    alone = gpt2.score(window, params, n_head)
+    np.testing.assert_allclose(gpt2.score(ids, params, n_head)[n_ctx - 1 :], alone[n_ctx // 2 - 1 :], atol=1e-6)

@@ -155,7 +155,7 @@ def test_a_killed_first_save_is_redone_by_the_same_command_or_finished_by_resume
         if kill_at < n_renames // 2:
             train_in_process(training_text, out_dir, max_iters=2)
         else:
-            with pytest.raises(GPT2Error, match="already holds a model: add --resume"):
+            with pytest.raises(GPT2Error, match="already holds a model: set resume"):
                 train_in_process(training_text, out_dir, max_iters=2)
             train_in_process(training_text, out_dir, max_iters=2, resume=True)
         assert saved_state(out_dir) == saved_state(tmp_path / "whole")
@@ -265,15 +265,16 @@ def test_a_learning_rate_or_batch_size_no_run_could_use_is_refused(bad_input, fl
 
 
 @pytest.mark.parametrize("flag, value, words", [
-    ("learning_rate", -1e-3, ["--learning_rate", "> 0"]), ("learning_rate", float("inf"), ["--learning_rate", "finite"]),
-    ("n_embd", 33, ["--n_embd", "--n_head (2)"]),
-    ("beta2", 1, ["--beta2", "[0, 1)"]), ("max_iters", -5, ["--max_iters", ">= 0"]), ("resume", 1, ["--resume"]),
-    ("n_layer", 2.0, ["--n_layer", "whole number"]), ("grad_clip", float("nan"), ["--grad_clip", "finite"]),
+    ("learning_rate", -1e-3, ["learning_rate", "> 0"]), ("learning_rate", float("inf"), ["learning_rate", "finite"]),
+    ("n_embd", 33, ["n_embd", "n_head (2)"]),
+    ("beta2", 1, ["beta2", "[0, 1)"]), ("max_iters", -5, ["max_iters", ">= 0"]), ("resume", 1, ["resume"]),
+    ("n_layer", 2.0, ["n_layer", "whole number"]), ("grad_clip", float("nan"), ["grad_clip", "finite"]),
 ])
 def test_every_flag_is_checked_before_anything_is_loaded_or_written(tmp_path, training_text, flag, value, words):
     with pytest.raises(GPT2Error) as error:
         train_in_process(training_text, tmp_path / "out", **{flag: value})
-    assert all(word in str(error.value) for word in words), error.value
+    assert all(word in str(error.value) for word in words), error.value  # the API speaks of arguments, not flags
+    assert flag in error.value.arguments and "--" not in str(error.value)
     assert not (tmp_path / "out").exists()
 
 
@@ -311,7 +312,7 @@ def test_an_unwritable_out_dir_is_refused(bad_input, tmp_path):
 def test_resume_without_a_checkpoint_is_refused(bad_input, tmp_path, training_text):
     assert_clean_error(bad_input("--resume"), "no checkpoint", "without --resume")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(GPT2Error, match="no checkpoint to resume"):
+    with pytest.raises(GPT2Error, match="no checkpoint to continue"):
         train_in_process(training_text, tmp_path / "empty", resume=True)
 
 
