@@ -55,8 +55,20 @@ def linear(x, w, b):  # [..., m], [m, n], [n] -> [..., n]
     return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
+def in_row_blocks(fn, x, n_rows=64):  # fn(x) for an fn that keeps the shape, computed a block of rows at a time
+    # On a long prompt, a block that fits the CPU's cache stays there through all of fn's passes over it,
+    # where the whole array would be read from memory again on each pass
+    rows = x.reshape(-1, x.shape[-1])
+    if len(rows) <= n_rows:
+        return fn(x)
+    y = np.empty_like(rows)
+    for i in range(0, len(rows), n_rows):
+        y[i : i + n_rows] = fn(rows[i : i + n_rows])
+    return y.reshape(x.shape)
+
+
 def ffn(x, c_fc, c_proj):  # [..., n_seq, n_embd] -> [..., n_seq, n_embd]
-    return linear(gelu(linear(x, **c_fc)), **c_proj)
+    return linear(in_row_blocks(gelu, linear(x, **c_fc)), **c_proj)
 
 
 def attention(q, k, v, mask):  # [..., n_q, d], [..., n_k, d], [..., n_k, d], [..., n_q, n_k] -> [..., n_q, d]
@@ -65,7 +77,7 @@ def attention(q, k, v, mask):  # [..., n_q, d], [..., n_k, d], [..., n_k, d], [.
     return softmax(scores) @ v
 
 
-def causal_attention(q, k, v, mask, chunk=128):  # attention() where the mask hides every later position
+def causal_attention(q, k, v, mask, chunk=64):  # attention() where the mask hides every later position
     # A long prompt's queries go in chunks, each against only the keys up to its last query: the keys after
     # it would get weight exp(-1e10) = 0 anyway. That skips about half the work, on smaller arrays.
     n_q, n_k = q.shape[-2], k.shape[-2]

@@ -21,8 +21,9 @@ DATA = "model.ckpt.data-00000-of-00001"
 
 
 def copy_model(source, destination):
-    """A private copy of a model folder, without the marker a previous load may have left in it."""
-    shutil.copytree(source, destination, ignore=shutil.ignore_patterns(utils.VERIFIED_MARKER, ".download.lock"))
+    """A private copy of a model folder, without the files a previous load may have left in it."""
+    ignored = shutil.ignore_patterns(utils.VERIFIED_MARKER, utils.FAST_LAYOUT_FILE, ".download.lock")
+    shutil.copytree(source, destination, ignore=ignored)
     return destination
 
 
