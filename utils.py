@@ -1,7 +1,8 @@
 """Finding, downloading and reading a GPT-2 model folder into the params dict that gpt2.py runs.
 
 A folder holds either OpenAI's release (hparams.json and a TensorFlow checkpoint) or Hugging Face's
-(config.json and model.safetensors); both are checked against their hyperparameters and give the same dict.
+(config.json and model.safetensors); both are checked against their hyperparameters and give the same dict,
+whose arrays are views of the fast-layout copy that the first load writes beside the checkpoint.
 """
 import contextlib
 import fcntl
@@ -128,7 +129,7 @@ def in_fast_layout(model_dir, params, stamp, verified):
     contents, with the checkpoint's entry if its CRCs just passed; the fast-layout file's are added to it.
     """
     fast_file = model_dir / FAST_LAYOUT_FILE
-    wanted = {openai_name(path): array.T if path[-1] == "w" else array for path, array in leaves(params)}
+    wanted = {openai_name(path): weights_transposed(path, array) for path, array in leaves(params)}
     source = json.dumps(stamp)
     stored = fast_layout_tensors(fast_file, wanted, source, verified)
     if stored is None:
@@ -139,14 +140,17 @@ def in_fast_layout(model_dir, params, stamp, verified):
             return params
         stored = load_safetensors(fast_file)
     write_verified_marker(model_dir, dict(verified, fast_layout=files_stamp([fast_file])))
-    # hand each weight back as [n_in, n_out], the transpose of the stored [n_out, n_in]: a view, not a copy
-    return tree_map(lambda path: stored[openai_name(path)].T if path[-1] == "w" else stored[openai_name(path)],
-                    paths(params))
+    # each weight back as [n_in, n_out], the transpose of the stored [n_out, n_in]: a view, not a copy
+    return tree_map(lambda path: weights_transposed(path, stored[openai_name(path)]), paths(params))
+
+
+def weights_transposed(path, array):  # a tensor as the fast layout stores it, or a stored one as params hold it
+    return array.T if path[-1] == "w" else array
 
 
 def fast_layout_tensors(fast_file, wanted, source, verified):
     """The tensors of the fast-layout file if it holds wanted's names and shapes, was made from the checkpoint
-    stamped source and passes its CRC32C check (unless verified says it passed before); else None."""
+    stamped source and passes its CRC-32 check (unless verified says it passed before); else None."""
     try:
         if safetensors_metadata(fast_file).get("checkpoint") != source:
             return None
