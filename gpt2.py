@@ -18,31 +18,32 @@ from utils import (GPT2Error, GPT2Warning, check_model_choice, load_encoder_hpar
                    set_blas_threads)
 
 def gelu(x):  # [...] -> [...]
-    # 0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x**3))), computed in one buffer: on a long prompt
-    # every temporary array costs as much as the arithmetic (and x**3 is several times slower than x * x * x)
+    # GPT-2's tanh form, 0.5 * x * (1 + tanh(u)) with u = sqrt(2 / pi) * (x + 0.044715 * x**3), evaluated as
+    # x / (1 + exp(-2u)): the same function, since 1 + tanh(u) = 2 / (1 + exp(-2u)). NumPy's float32 exp is
+    # vectorised and its tanh is not (this is 1.5x faster), and nothing cancels where tanh(u) is near -1.
+    # One buffer throughout: on a long prompt every temporary array costs as much as the arithmetic.
     y = x * x
     y *= x
     y *= 0.044715
     y += x
-    y *= math.sqrt(2 / math.pi)
-    np.tanh(y, out=y)
+    y *= -2 * math.sqrt(2 / math.pi)
+    with np.errstate(over="ignore"):  # exp(-2u) is inf far below zero, where x / inf gives gelu's -0.0
+        np.exp(y, out=y)
     y += 1
-    y *= x
-    y *= 0.5
-    return y
+    return np.divide(x, y, out=y)
 
 
 def softmax(x):  # [..., n] -> [..., n]
-    exp_x = x - np.max(x, axis=-1, keepdims=True)
+    exp_x = x - x.max(axis=-1, keepdims=True)
     np.exp(exp_x, out=exp_x)  # in place: attention's scores are the largest arrays on a long prompt
-    exp_x /= np.sum(exp_x, axis=-1, keepdims=True)
+    exp_x /= exp_x.sum(axis=-1, keepdims=True)
     return exp_x
 
 
 def layer_norm(x, g, b, eps: float = 1e-5):  # [..., n_embd] -> [..., n_embd]
     # sums divided by n: what np.mean and np.var compute, without their Python overhead (it shows per token)
-    centered = x - np.sum(x, axis=-1, keepdims=True) / x.shape[-1]
-    variance = np.sum(np.square(centered), axis=-1, keepdims=True) / x.shape[-1]
+    centered = x - x.sum(axis=-1, keepdims=True) / x.shape[-1]
+    variance = np.square(centered).sum(axis=-1, keepdims=True) / x.shape[-1]
     centered /= np.sqrt(variance + eps)
     centered *= g
     centered += b
@@ -56,8 +57,20 @@ def linear(x, w, b):  # [..., m], [m, n], [n] -> [..., n]
     return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
+def in_row_blocks(fn, x, n_rows=64):  # fn(x) for an fn that keeps the shape, computed a block of rows at a time
+    # On a long prompt, a block that fits the CPU's cache stays there through all of fn's passes over it,
+    # where the whole array would be read from memory again on each pass
+    rows = x.reshape(-1, x.shape[-1])
+    if len(rows) <= n_rows:
+        return fn(x)
+    y = np.empty_like(rows)
+    for i in range(0, len(rows), n_rows):
+        y[i : i + n_rows] = fn(rows[i : i + n_rows])
+    return y.reshape(x.shape)
+
+
 def ffn(x, c_fc, c_proj):  # [..., n_seq, n_embd] -> [..., n_seq, n_embd]
-    return linear(gelu(linear(x, **c_fc)), **c_proj)
+    return linear(in_row_blocks(gelu, linear(x, **c_fc)), **c_proj)
 
 
 def attention(q, k, v, mask):  # [..., n_q, d], [..., n_k, d], [..., n_k, d], [..., n_q, n_k] -> [..., n_q, d]
@@ -66,10 +79,12 @@ def attention(q, k, v, mask):  # [..., n_q, d], [..., n_k, d], [..., n_k, d], [.
     return softmax(scores) @ v
 
 
-def causal_attention(q, k, v, mask, chunk=128):  # attention() where the mask hides every later position
+def causal_attention(q, k, v, mask, chunk=64):  # attention() where the mask hides every later position
     # A long prompt's queries go in chunks, each against only the keys up to its last query: the keys after
     # it would get weight exp(-1e10) = 0 anyway. That skips about half the work, on smaller arrays.
     n_q, n_k = q.shape[-2], k.shape[-2]
+    if n_q <= chunk:
+        return attention(q, k, v, mask)
     chunks = []
     for i in range(0, n_q, chunk):
         end = n_k - n_q + min(i + chunk, n_q)  # one past the last key this chunk's last query sees
@@ -78,10 +93,12 @@ def causal_attention(q, k, v, mask, chunk=128):  # attention() where the mask hi
     return np.concatenate(chunks, axis=-2)
 
 
-def mha(x, c_attn, c_proj, n_head, mask, kv=None, start=0):  # [..., n_seq, n_embd] -> [..., n_seq, n_embd]
+def mha(x, c_attn, c_proj, n_head, mask, kv=None, start=0, last_only=False):
+    # [..., n_seq, n_embd] -> [..., n_seq, n_embd], or [..., 1, n_embd] for the last position only
     qkv = linear(x, **c_attn)  # [..., n_seq, 3*n_embd]
-    # all heads at once: [..., n_seq, 3, n_head, d] -> 3 x [..., n_head, n_seq, d]
-    q, k, v = np.moveaxis(qkv.reshape(*qkv.shape[:-1], 3, n_head, -1), (-3, -2), (0, -3))
+    # all heads at once: [..., n_seq, 3, n_head, d] -> [..., 3, n_head, n_seq, d]
+    qkv = qkv.reshape(*qkv.shape[:-1], 3, n_head, -1).swapaxes(-4, -3).swapaxes(-3, -2)
+    q, k, v = qkv[..., 0, :, :, :], qkv[..., 1, :, :, :], qkv[..., 2, :, :, :]
     if kv is not None:
         # kv is this layer's cache [2, ..., n_head, n_max, d]: keep this chunk's keys and values,
         # then attend over every position so far
@@ -89,13 +106,17 @@ def mha(x, c_attn, c_proj, n_head, mask, kv=None, start=0):  # [..., n_seq, n_em
         kv[0, ..., start:end, :] = k
         kv[1, ..., start:end, :] = v
         k, v = kv[0, ..., :end, :], kv[1, ..., :end, :]
-    heads = causal_attention(q, k, v, mask)  # [..., n_head, n_seq, d]
-    merged = heads.swapaxes(-2, -3).reshape(*x.shape)  # [..., n_seq, n_embd]
+    if last_only:  # every position's keys and values, but only the last one's query
+        q, mask = q[..., -1:, :], mask[..., -1:, :]
+    heads = causal_attention(q, k, v, mask)  # [..., n_head, n_q, d]
+    merged = heads.swapaxes(-2, -3).reshape(*x.shape[:-2], q.shape[-2], x.shape[-1])  # [..., n_q, n_embd]
     return linear(merged, **c_proj)
 
 
-def transformer_block(x, mlp, attn, ln_1, ln_2, n_head, mask, kv=None, start=0):  # [..., n_seq, n_embd] -> same
-    x = x + mha(layer_norm(x, **ln_1), **attn, n_head=n_head, mask=mask, kv=kv, start=start)
+def transformer_block(x, mlp, attn, ln_1, ln_2, n_head, mask, kv=None, start=0, last_only=False):
+    # [..., n_seq, n_embd] -> the same, or [..., 1, n_embd] for the last position only
+    attended = mha(layer_norm(x, **ln_1), **attn, n_head=n_head, mask=mask, kv=kv, start=start, last_only=last_only)
+    x = x[..., -1:, :] + attended if last_only else x + attended
     return x + ffn(layer_norm(x, **ln_2), **mlp)
 
 
@@ -103,11 +124,14 @@ def causal_mask(n_q, n_k):  # -> [n_q, n_k]: query i sits at position n_k - n_q 
     return np.triu(np.full((n_q, n_k), -1e10, dtype=np.float32), k=n_k - n_q + 1)
 
 
-def hidden_states(inputs, positions, mask, wte, wpe, blocks, ln_f, n_head, kv_cache=None, start=0):
-    # [..., n_seq] token ids and positions -> [..., n_seq, n_embd], the final layer-normed states
+def hidden_states(inputs, positions, mask, wte, wpe, blocks, ln_f, n_head, kv_cache=None, start=0, last_only=False):
+    # [..., n_seq] token ids and positions -> [..., n_seq, n_embd], the final layer-normed states;
+    # last_only: [..., 1, n_embd], the last position's, for which the last block needs only that position's
+    # query, attention output and MLP (the earlier positions' keys and values still go into kv_cache)
     x = wte[inputs] + wpe[positions]
-    for block, kv in zip(blocks, kv_cache or [None] * len(blocks)):
-        x = transformer_block(x, **block, n_head=n_head, mask=mask, kv=kv, start=start)
+    for i, (block, kv) in enumerate(zip(blocks, kv_cache or [None] * len(blocks))):
+        x = transformer_block(x, **block, n_head=n_head, mask=mask, kv=kv, start=start,
+                              last_only=last_only and i == len(blocks) - 1)
     return layer_norm(x, **ln_f)
 
 
@@ -129,7 +153,7 @@ def next_logits(tokens, pads, params, n_head, kv_cache, start):  # [n_batch, n_n
     positions = np.maximum(np.arange(start, end) - pads[:, None], 0)
     pad_keys = np.where(np.arange(end) < pads[:, None], np.float32(-1e10), np.float32(0))  # [n_batch, end]
     mask = causal_mask(n_new, end) + pad_keys[:, None, None, :]  # [n_batch, 1 (heads), n_new, end]
-    x = hidden_states(tokens, positions, mask, **params, n_head=n_head, kv_cache=kv_cache, start=start)
+    x = hidden_states(tokens, positions, mask, **params, n_head=n_head, kv_cache=kv_cache, start=start, last_only=True)
     return x[:, -1] @ params["wte"].T  # the vocabulary projection only where a token is chosen
 
 

@@ -1,7 +1,8 @@
 """Finding, downloading and reading a GPT-2 model folder into the params dict that gpt2.py runs.
 
 A folder holds either OpenAI's release (hparams.json and a TensorFlow checkpoint) or Hugging Face's
-(config.json and model.safetensors); both are checked against their hyperparameters and give the same dict.
+(config.json and model.safetensors); both are checked against their hyperparameters and give the same dict,
+whose arrays are views of the fast-layout copy that the first load writes beside the checkpoint.
 """
 import argparse
 import contextlib
@@ -27,7 +28,7 @@ import urllib3
 from tqdm import tqdm
 
 from checkpoint import (GPT2Error, GPT2Warning, check_protobuf, load_safetensors, load_tf_checkpoint, parse_tf_index,
-                        read_tf_index, save_safetensors)
+                        read_tf_index, safetensors_metadata, save_safetensors)
 from encoder import load_encoder, read_merges, read_vocab
 from params import hf_name, layout, leaves, openai_name, paths, tree_map
 
@@ -55,8 +56,14 @@ HF_HPARAMS = {"n_vocab": "vocab_size", "n_ctx": "n_positions", "n_embd": "n_embd
 # attn.bias/masked_bias are constant causal-mask buffers.
 HF_UNUSED = re.compile(r"lm_head\.weight|h\.\d+\.attn\.(masked_)?bias")
 
-# Records which checkpoint bytes already passed the CRC32C check, so that only the first load pays for it.
+# Records which files already passed their CRC32C check (the checkpoint, the fast-layout file), so that only
+# the first load pays for it.
 VERIFIED_MARKER = ".verified"
+
+# A copy of the checkpoint beside it, written on the first load, with every linear layer's weight stored
+# transposed: [n_out, n_in], so that a decode step, which multiplies one row by each weight, reads each along
+# its rows, the order OpenBLAS reads fastest (README.md, Loading, has the measurements).
+FAST_LAYOUT_FILE = "fast-layout.safetensors"
 
 # Seconds to connect, and without a byte before a connection counts as stalled. With the retries below, a mirror
 # that stops answering is given up within a minute: 3 x (5 + 12) + 1.5 s.
@@ -122,13 +129,12 @@ def load_openai_folder(model_dir):
     encoder = read_tokenizer(model_dir / "encoder.json", model_dir / "vocab.bpe", hparams, hparams_path)
     prefix = model_dir / "model.ckpt"
     stamp = checkpoint_stamp(prefix)
-    verified = read_verified_marker(model_dir) == stamp
-    tensors = load_tf_checkpoint(str(prefix), verify_crc=not verified)
-    if not verified:
-        write_verified_marker(model_dir, stamp)
+    verified = read_verified_marker(model_dir)
+    tensors = load_tf_checkpoint(str(prefix), verify_crc=verified.get("checkpoint") != stamp)
     # OpenAI stored conv weights as [1, n_in, n_out]; indexing [0] gives a view, not a copy.
     params = params_from_tensors(tensors, hparams, openai_name, f"{prefix}.index", hparams_path, conv_axis=True)
-    return encoder, hparams, tree_map(lambda w: w[0] if w.ndim == 3 else w, params)
+    params = tree_map(lambda w: w[0] if w.ndim == 3 else w, params)
+    return encoder, hparams, in_fast_layout(model_dir, params, stamp, dict(verified, checkpoint=stamp))
 
 
 def load_hf_folder(model_dir):
@@ -142,7 +148,49 @@ def load_hf_folder(model_dir):
         if not HF_UNUSED.fullmatch(name):
             tensors[name] = array
     params = params_from_tensors(tensors, hparams, hf_name, model_dir / "model.safetensors", config_path)
-    return encoder, hparams, params
+    stamp = files_stamp([model_dir / "model.safetensors"])
+    return encoder, hparams, in_fast_layout(model_dir, params, stamp, read_verified_marker(model_dir))
+
+
+def in_fast_layout(model_dir, params, stamp, verified):
+    """params as views of model_dir's fast-layout file, a copy of the checkpoint whose files have the given stamp.
+
+    The file is written from params when it is missing, damaged or made from other checkpoint files; if it cannot
+    be written (a read-only folder, a full disk), params are returned as they are. verified: the marker's
+    contents, with the checkpoint's entry if its CRCs just passed; the fast-layout file's are added to it.
+    """
+    fast_file = model_dir / FAST_LAYOUT_FILE
+    wanted = {openai_name(path): weights_transposed(path, array) for path, array in leaves(params)}
+    source = json.dumps(stamp)
+    stored = fast_layout_tensors(fast_file, wanted, source, verified)
+    if stored is None:
+        try:
+            save_safetensors(fast_file, wanted, metadata={"checkpoint": source}, crc32=True)
+        except OSError:
+            write_verified_marker(model_dir, verified)
+            return params
+        stored = load_safetensors(fast_file)
+    write_verified_marker(model_dir, dict(verified, fast_layout=files_stamp([fast_file])))
+    # each weight back as [n_in, n_out], the transpose of the stored [n_out, n_in]: a view, not a copy
+    return tree_map(lambda path: weights_transposed(path, stored[openai_name(path)]), paths(params))
+
+
+def weights_transposed(path, array):  # a tensor as the fast layout stores it, or a stored one as params hold it
+    return array.T if path[-1] == "w" else array
+
+
+def fast_layout_tensors(fast_file, wanted, source, verified):
+    """The tensors of the fast-layout file if it holds wanted's names and shapes, was made from the checkpoint
+    stamped source and passes its CRC-32 check (unless verified says it passed before); else None."""
+    try:
+        if safetensors_metadata(fast_file).get("checkpoint") != source:
+            return None
+        stored = load_safetensors(fast_file, verify_crc=verified.get("fast_layout") != files_stamp([fast_file]))
+    except (GPT2Error, OSError):
+        return None
+    if stored.keys() != wanted.keys() or any(stored[name].shape != array.shape for name, array in wanted.items()):
+        return None
+    return stored
 
 
 def read_json_object(path):
@@ -244,24 +292,30 @@ def check_tensors(tensors, shapes, checkpoint_path, hparams_path):
 
 def checkpoint_stamp(prefix):
     """Name, size, inode and mtime of each checkpoint file: changes whenever a file is rewritten or replaced."""
+    return files_stamp([Path(f"{prefix}.index"), Path(f"{prefix}.data-00000-of-00001")])
+
+
+def files_stamp(file_paths):
     stamp = []
-    for path in (Path(f"{prefix}.index"), Path(f"{prefix}.data-00000-of-00001")):
+    for path in file_paths:
         stat = path.stat()
         stamp.append([path.name, stat.st_size, stat.st_ino, stat.st_mtime_ns])
     return stamp
 
 
-def read_verified_marker(model_dir):
+def read_verified_marker(model_dir):  # -> {"checkpoint": stamp, "fast_layout": stamp}, the files whose CRCs passed
     try:
-        return json.loads((model_dir / VERIFIED_MARKER).read_text())
+        verified = json.loads((model_dir / VERIFIED_MARKER).read_text())
     except (OSError, ValueError, RecursionError):
-        return None
+        return {}
+    return verified if isinstance(verified, dict) else {}
 
 
-def write_verified_marker(model_dir, stamp):
+def write_verified_marker(model_dir, verified):
     # A read-only model folder still loads; it is just verified again on every load.
-    with contextlib.suppress(OSError):
-        write_text_atomically(model_dir / VERIFIED_MARKER, json.dumps(stamp))
+    if verified != read_verified_marker(model_dir):
+        with contextlib.suppress(OSError):
+            write_text_atomically(model_dir / VERIFIED_MARKER, json.dumps(verified))
 
 
 def write_text_atomically(path, text):

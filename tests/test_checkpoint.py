@@ -5,6 +5,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import checkpoint
-from checkpoint import GPT2Error, load_safetensors, load_tf_checkpoint, read_tf_index
+from checkpoint import GPT2Error, load_safetensors, load_tf_checkpoint, read_tf_index, save_safetensors
 from conftest import ROOT, SHARED_124M_HEAD, flip_byte, tf_variables
 
 FIXTURES = ["tiny", "h12", "wide"]
@@ -423,3 +424,29 @@ def test_safetensors_shorter_than_its_length_field_is_refused(tmp_path):
     path.write_bytes(b"\x10\x00")
     with pytest.raises(GPT2Error, match="does not fit the file of 2 bytes"):
         load_safetensors(path)
+
+
+def test_crcs_kept_in_a_safetensors_file_are_zlibs_and_catch_a_flipped_byte(tmp_path):
+    from safetensors import safe_open
+
+    rng = np.random.default_rng(0)
+    tensors = {"a": rng.normal(size=(3, 5)).astype(np.float32), "transposed": rng.normal(size=(4, 6)).astype(np.float32).T}
+    path = tmp_path / "x.safetensors"
+    save_safetensors(path, tensors, metadata={"note": "kept"}, crc32=True)
+    with safe_open(path, "np") as f:  # still a file the safetensors library reads, metadata and all
+        crcs = json.loads(f.metadata()["crc32"])
+        assert f.metadata()["note"] == "kept"
+        assert crcs == {name: f"{zlib.crc32(f.get_tensor(name).tobytes()):08x}" for name in tensors}
+    for name, array in load_safetensors(path, verify_crc=True).items():
+        assert np.array_equal(array, tensors[name]), name
+
+    flip_byte(path, path.stat().st_size - 5)  # inside the last tensor
+    with pytest.raises(GPT2Error, match=re.escape(f"{path} is damaged: tensor 'transposed' fails its CRC-32 check")):
+        load_safetensors(path, verify_crc=True)
+
+
+def test_verifying_a_safetensors_file_without_crcs_is_a_clear_error(tmp_path):
+    path = tmp_path / "x.safetensors"
+    save_safetensors(path, {"a": np.ones(3, np.float32)})
+    with pytest.raises(GPT2Error, match="it holds no CRC-32 for each of its tensors"):
+        load_safetensors(path, verify_crc=True)

@@ -13,16 +13,17 @@ from safetensors.numpy import save_file
 
 import utils
 from checkpoint import read_tf_index
-from params import openai_name
-from conftest import ROOT, SHAPES, flip_byte, tf_variables
+from params import leaves, openai_name
+from conftest import ROOT, SHAPES, flip_byte, make_params, tf_variables, write_openai_checkpoint
 from utils import GPT2Error, load_encoder_hparams_and_params
 
 DATA = "model.ckpt.data-00000-of-00001"
 
 
 def copy_model(source, destination):
-    """A private copy of a model folder, without the marker a previous load may have left in it."""
-    shutil.copytree(source, destination, ignore=shutil.ignore_patterns(utils.VERIFIED_MARKER, ".download.lock"))
+    """A private copy of a model folder, without the files a previous load may have left in it."""
+    ignored = shutil.ignore_patterns(utils.VERIFIED_MARKER, utils.FAST_LAYOUT_FILE, ".download.lock")
+    shutil.copytree(source, destination, ignore=ignored)
     return destination
 
 
@@ -102,9 +103,10 @@ def test_each_fixture_loads_bit_for_bit(name, fixture_model, tmp_path, checkpoin
     assert {name for name, _ in tf.train.list_variables(checkpoint)} == tf_variables(loaded).keys()
     for tf_name, array in tf_variables(loaded).items():
         assert np.array_equal(array, tf.train.load_variable(checkpoint, tf_name)), tf_name
-    # Zero-copy: the squeezed conv weight is a view of the memory-mapped tensor, not a copy.
-    [(_, raw)] = checkpoint_loads
-    assert np.shares_memory(block["attn"]["c_attn"]["w"], raw["model/h0/attn/c_attn/w"])
+    # Zero-copy: each array is a view of the memory-mapped fast-layout file the first load wrote, not a copy.
+    assert crc_passes(checkpoint_loads) == [True]
+    for _, array in leaves(loaded):
+        assert os.path.samefile(array.filename, model_dir / utils.FAST_LAYOUT_FILE)
 
 
 def test_a_models_dir_folder_loads_as_its_hparams_say_without_downloading(fixture_model, tmp_path, monkeypatch):
@@ -340,3 +342,101 @@ def test_a_folder_with_neither_layout_says_what_it_expected(tmp_path):
 
 def test_a_missing_model_dir_is_a_clear_error(tmp_path):
     assert "does not exist" in load_error(model_dir=tmp_path / "nowhere")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The fast layout: a copy of the checkpoint beside it with every linear weight stored transposed
+
+
+@pytest.fixture
+def fast_layout_loads(monkeypatch):
+    """verify_crc of each call the loader makes to load_safetensors for the fast-layout file."""
+    calls = []
+    real_load = utils.load_safetensors
+
+    def spy(path, verify_crc=False):
+        if Path(path).name == utils.FAST_LAYOUT_FILE:
+            calls.append(verify_crc)
+        return real_load(path, verify_crc)
+
+    monkeypatch.setattr(utils, "load_safetensors", spy)
+    return calls
+
+
+def assert_fast_layout(params, model_dir):
+    """Every array a view of the fast-layout file; each weight [n_in, n_out] the transpose of a stored [n_out, n_in]."""
+    for path, array in leaves(params):
+        assert os.path.samefile(array.filename, model_dir / utils.FAST_LAYOUT_FILE), path
+        assert (array.T if path[-1] == "w" else array).flags.c_contiguous, path
+
+
+@pytest.mark.parametrize("checkpoint_format", ["OpenAI's TF checkpoint", "Hugging Face's safetensors"])
+def test_the_fast_layout_holds_the_checkpoints_names_shapes_and_values(checkpoint_format, fixture_model, hf_model,
+                                                                      vocab_dir, tmp_path):
+    source_dir, _, params = fixture_model("h12")
+    if checkpoint_format == "OpenAI's TF checkpoint":
+        model_dir = copy_model(source_dir, tmp_path / "h12")
+    else:
+        model_dir = tmp_path
+        hf_model("h12").save_pretrained(model_dir)
+        add_tokenizer(model_dir, vocab_dir)
+    for _ in ("the load that writes it", "a load that finds it"):
+        _, _, loaded = load_encoder_hparams_and_params(model_dir=model_dir)
+        assert_same_params(loaded, params)
+        assert_fast_layout(loaded, model_dir)
+
+
+def test_the_fast_layout_is_checked_once_then_trusted(tiny_dir, fast_layout_loads):
+    load_encoder_hparams_and_params(model_dir=tiny_dir)  # written from the checkpoint just verified: not checked
+    load_encoder_hparams_and_params(model_dir=tiny_dir)
+    assert fast_layout_loads == [False, False]
+    (tiny_dir / utils.VERIFIED_MARKER).unlink()
+    load_encoder_hparams_and_params(model_dir=tiny_dir)
+    load_encoder_hparams_and_params(model_dir=tiny_dir)
+    assert fast_layout_loads == [False, False, True, False]
+
+
+def test_a_new_checkpoint_gets_a_new_fast_layout(tiny_dir):
+    load_encoder_hparams_and_params(model_dir=tiny_dir)
+    new_params = make_params(SHAPES["tiny"], seed=7)
+    write_openai_checkpoint(tiny_dir, SHAPES["tiny"], new_params)
+    _, _, loaded = load_encoder_hparams_and_params(model_dir=tiny_dir)
+    assert_same_params(loaded, new_params)
+    assert_fast_layout(loaded, tiny_dir)
+
+
+FAST_LAYOUT_DAMAGE = ["a byte flipped in a new copy", "a byte flipped, then the marker lost", "truncated",
+                      "a garbled header", "deleted"]
+
+
+@pytest.mark.parametrize("damage", FAST_LAYOUT_DAMAGE)
+def test_a_damaged_fast_layout_is_noticed_and_written_again(damage, tiny_dir, fixture_model, fast_layout_loads):
+    load_encoder_hparams_and_params(model_dir=tiny_dir)
+    fast_file = tiny_dir / utils.FAST_LAYOUT_FILE
+    if damage == "a byte flipped in a new copy":  # as a restore from a backup would put it back
+        shutil.copyfile(fast_file, tiny_dir / "copy")
+        flip_byte(tiny_dir / "copy", fast_file.stat().st_size - 5)
+        os.replace(tiny_dir / "copy", fast_file)
+    elif damage == "a byte flipped, then the marker lost":
+        flip_byte(fast_file, fast_file.stat().st_size - 5)
+        (tiny_dir / utils.VERIFIED_MARKER).unlink()
+    elif damage == "truncated":
+        os.truncate(fast_file, fast_file.stat().st_size // 2)
+    elif damage == "a garbled header":
+        flip_byte(fast_file, 20)
+    else:
+        fast_file.unlink()
+    _, _, loaded = load_encoder_hparams_and_params(model_dir=tiny_dir)
+    assert_same_params(loaded, fixture_model("tiny")[2])
+    assert_fast_layout(loaded, tiny_dir)
+    _, _, loaded = load_encoder_hparams_and_params(model_dir=tiny_dir)
+    assert fast_layout_loads[-1] is False  # the file written again is trusted from then on
+
+
+def test_a_folder_the_fast_layout_cannot_be_written_to_loads_in_the_checkpoints_layout(tiny_dir, fixture_model):
+    # A folder entry in the way makes writing the file fail, as in a read-only model folder or on a full disk.
+    (tiny_dir / f"{utils.FAST_LAYOUT_FILE}.{os.getpid()}").mkdir()
+    _, _, loaded = load_encoder_hparams_and_params(model_dir=tiny_dir)
+    assert_same_params(loaded, fixture_model("tiny")[2])
+    assert not (tiny_dir / utils.FAST_LAYOUT_FILE).exists()
+    assert all(os.path.samefile(array.filename, tiny_dir / DATA) for _, array in leaves(loaded))
