@@ -212,9 +212,9 @@ def initial_model(init_from, models_dir, n_layer, n_head, n_embd, block_size, se
         hparams = dict(n_vocab=len(encoder.encoder), n_ctx=block_size, n_embd=n_embd, n_head=n_head, n_layer=n_layer)
         return encoder, hparams, init_params(hparams, seed)
     if init_from in MODEL_SIZES:
-        encoder, hparams, params = load_encoder_hparams_and_params(init_from, str(models_dir))
+        encoder, hparams, params = load_encoder_hparams_and_params(init_from, str(models_dir), fast_layout=False)
     else:
-        encoder, hparams, params = load_encoder_hparams_and_params(model_dir=init_from)
+        encoder, hparams, params = load_encoder_hparams_and_params(model_dir=init_from, fast_layout=False)
     return encoder, hparams, writable(params)
 
 
@@ -376,7 +376,7 @@ def load_checkpoint(out_dir):
     fix_names = ("resume", "out_dir")
     if missing:
         raise GPT2Error(f"the checkpoint in {out_dir} lacks {', '.join(missing)}: {fix}", arguments=fix_names)
-    encoder, hparams, params = load_encoder_hparams_and_params(model_dir=out_dir)
+    encoder, hparams, params = load_encoder_hparams_and_params(model_dir=out_dir, fast_layout=False)
     state_path = out_dir / "train_state.json"
     try:
         state = json.loads(state_path.read_text(encoding="utf-8"))

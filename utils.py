@@ -72,9 +72,10 @@ RETRY_DELAYS = (0.5, 1.0)  # seconds before the second and third try: enough for
 CHUNK_BYTES = 1 << 20
 
 
-def load_encoder_hparams_and_params(model_size=None, models_dir="models", model_dir=None):
+def load_encoder_hparams_and_params(model_size=None, models_dir="models", model_dir=None, fast_layout=True):
     """(encoder, hparams, params) of the folder model_dir, or of models_dir/model_size (default 124M), downloaded if
-    incomplete, and repaired if a file in it fails the check a download gets."""
+    incomplete, and repaired if a file in it fails the check a download gets. fast_layout=False hands out the
+    checkpoint's own arrays and writes no fast-layout copy: for a caller that copies every weight anyway (training)."""
     check_model_choice(model_size, model_dir)
     if model_dir is None:
         model_size = model_size or DEFAULT_MODEL_SIZE
@@ -82,18 +83,18 @@ def load_encoder_hparams_and_params(model_size=None, models_dir="models", model_
         if not all((model_dir / name).is_file() for name in OPENAI_FILES):
             download_gpt2_files(model_size, model_dir)
         try:
-            return load_openai_folder(model_dir)
+            return load_openai_folder(model_dir, fast_layout)
         except GPT2Error:
             # An earlier version kept what a mirror sent unchecked (a login page saved as hparams.json): download
             # again the files that fail their check, if any is the cause
             if not download_gpt2_files(model_size, model_dir, recheck=True):
                 raise
-            return load_openai_folder(model_dir)
+            return load_openai_folder(model_dir, fast_layout)
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise GPT2Error(f"model folder {model_dir} does not exist: give the folder that holds the model's files")
     layout = choose_layout(model_dir, {path.name for path in model_dir.iterdir() if path.is_file()})
-    return load_openai_folder(model_dir) if layout == OPENAI_LAYOUT else load_hf_folder(model_dir)
+    return (load_openai_folder if layout == OPENAI_LAYOUT else load_hf_folder)(model_dir, fast_layout)
 
 
 def check_model_choice(model_size, model_dir):
@@ -122,7 +123,7 @@ def choose_layout(model_dir, file_names):
     )
 
 
-def load_openai_folder(model_dir):
+def load_openai_folder(model_dir, fast_layout=True):
     """(encoder, hparams, params) of a folder in OpenAI's layout; the CRCs are checked once per checkpoint."""
     hparams_path = model_dir / "hparams.json"
     hparams = checked_hparams(read_json_object(hparams_path), hparams_path, OPENAI_HPARAMS)
@@ -134,10 +135,14 @@ def load_openai_folder(model_dir):
     # OpenAI stored conv weights as [1, n_in, n_out]; indexing [0] gives a view, not a copy.
     params = params_from_tensors(tensors, hparams, openai_name, f"{prefix}.index", hparams_path, conv_axis=True)
     params = tree_map(lambda w: w[0] if w.ndim == 3 else w, params)
-    return encoder, hparams, in_fast_layout(model_dir, params, stamp, dict(verified, checkpoint=stamp))
+    verified = dict(verified, checkpoint=stamp)
+    if not fast_layout:
+        write_verified_marker(model_dir, verified)
+        return encoder, hparams, params
+    return encoder, hparams, in_fast_layout(model_dir, params, stamp, verified)
 
 
-def load_hf_folder(model_dir):
+def load_hf_folder(model_dir, fast_layout=True):
     """(encoder, hparams, params) of a folder in Hugging Face's layout, renamed to OpenAI's tensor names."""
     config_path = model_dir / "config.json"
     hparams = checked_hparams(read_json_object(config_path), config_path, HF_HPARAMS)
@@ -148,6 +153,8 @@ def load_hf_folder(model_dir):
         if not HF_UNUSED.fullmatch(name):
             tensors[name] = array
     params = params_from_tensors(tensors, hparams, hf_name, model_dir / "model.safetensors", config_path)
+    if not fast_layout:
+        return encoder, hparams, params
     stamp = files_stamp([model_dir / "model.safetensors"])
     return encoder, hparams, in_fast_layout(model_dir, params, stamp, read_verified_marker(model_dir))
 
