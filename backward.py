@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from checkpoint import GPT2Error
+from errors import GPT2Error
 from params import tree_map
 
 GELU_SCALE = math.sqrt(2 / math.pi)

@@ -319,6 +319,32 @@ def main(model_size="124M", model_dir: str | None = None, models_dir="bench-mode
     """
     if train:
         return train_main(threads, runs)
+    spec = inference_spec(model_size, model_dir, models_dir, n_new, threads)
+    engines = [engine for engine in ENGINES if all(importlib.util.find_spec(m) for m in engine[2])]
+    for name, _, _, path, writer in engines:
+        if not Path(spec[path]).exists():
+            note(f"writing {spec[path]} for {name} (once)")
+            child(writer, spec)
+    started, cpu_before = time.perf_counter(), cpu_seconds()
+    note("ours")
+    ours = child("ours", spec)
+    others = {}
+    for name, worker, _, _, _ in engines:
+        note(name)
+        others[name] = child(worker, spec)
+    machine_busy, bench_busy = (after - before for after, before in zip(cpu_seconds(), cpu_before))
+    note(f"benchmarks took {time.perf_counter() - started:.0f} s")
+    # Threads that spin while waiting for a core (as OpenBLAS's do) make every row wrong on a shared machine
+    contention = f"Other processes used {machine_busy - bench_busy:.0f} CPU-seconds during the run (trust it if near 0)"
+    print("\n".join([*machine(), contention]), end="\n\n")
+    print("\n".join(table(f"GPT-2 {Path(spec['model_dir']).name}, float32, {threads} threads", spec, ours, others)),
+          end="\n\n")
+    print("\n".join(agreement(ours, others)))
+
+
+def inference_spec(model_size, model_dir, models_dir, n_new, threads):
+    """What every engine runs: the model's folder (built with random weights if model_dir is None), the copies the
+    other engines load, the prompts -> spec."""
     if model_dir is None:
         if model_size not in SIZES:
             sys.exit(f"error: unknown model size {model_size!r}: choose one of {', '.join(SIZES)}")
@@ -332,37 +358,21 @@ def main(model_size="124M", model_dir: str | None = None, models_dir="bench-mode
     hf_dir = model_dir if (model_dir / "config.json").is_file() else Path(models_dir) / f"{model_dir.name}-hf"
     rng = np.random.default_rng(0)
     prompt = lambda n: rng.integers(0, EOT, n).tolist()  # EOT excluded: it would restart the document
-    spec = dict(model_dir=str(model_dir), hf_dir=str(hf_dir),
+    return dict(model_dir=str(model_dir), hf_dir=str(hf_dir),
                 gguf_path=str(Path(models_dir) / f"{model_dir.name}-f32.gguf"), threads=threads, n_new=n_new,
                 prompt=prompt(PROMPT_LEN), long_prompt=prompt(LONG_PROMPT_LEN),
                 batch=[prompt(n) for n in BATCH_LENGTHS], score_window=prompt(SCORE_LEN))
-    engines = [engine for engine in ENGINES if all(importlib.util.find_spec(m) for m in engine[2])]
-    for name, _, _, path, writer in engines:
-        if not Path(spec[path]).exists():
-            note(f"writing {spec[path]} for {name} (once)")
-            child(writer, spec)
 
-    started, cpu_before = time.perf_counter(), cpu_seconds()
-    note("ours")
-    ours = child("ours", spec)
-    others = {}
-    for name, worker, _, _, _ in engines:
-        note(name)
-        others[name] = child(worker, spec)
-    machine_busy, bench_busy = (after - before for after, before in zip(cpu_seconds(), cpu_before))
-    note(f"benchmarks took {time.perf_counter() - started:.0f} s")
-    # Threads that spin while waiting for a core (as OpenBLAS's do) make every row wrong on a shared machine
-    contention = f"Other processes used {machine_busy - bench_busy:.0f} CPU-seconds during the run (trust it if near 0)"
-    print("\n".join([*machine(), contention]), end="\n\n")
-    print("\n".join(table(f"GPT-2 {model_dir.name}, float32, {threads} threads", spec, ours, others)), end="\n\n")
-    for name, _, modules, _, _ in ENGINES:
-        if name not in others:
-            print(f"{name} is not installed (needs {', '.join(modules)}): no column for it.")
+
+def agreement(ours, others):  # -> lines: which engines are missing, and how far the others agree with ours
+    lines = [f"{name} is not installed (needs {', '.join(modules)}): no column for it."
+             for name, _, modules, _, _ in ENGINES if name not in others]
     for name, r in others.items():
         agree = sum(a == b for a, b in zip(r["predicted"], ours["predicted"]))
         same = [row for row in ("decode", "uncached", "batch") if r.get(f"{row}_ids", 0) == ours[f"{row}_ids"]]
-        print(f"{name} agrees with ours on the most likely next token at {agree} of {LONG_PROMPT_LEN} positions "
-              f"of the long prompt; its generated tokens equal ours in: {', '.join(same) or 'none'}.")
+        lines.append(f"{name} agrees with ours on the most likely next token at {agree} of {LONG_PROMPT_LEN} "
+                     f"positions of the long prompt; its generated tokens equal ours in: {', '.join(same) or 'none'}.")
+    return lines
 
 
 # Training: one optimizer step (forward, backward, gradient clipping, AdamW) of ours against PyTorch's, from the same
@@ -410,7 +420,7 @@ def train_torch(spec):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from params import hf_name, init_params
-    from utils import HF_HPARAMS
+    from params import HF_HPARAMS
 
     torch.set_num_threads(spec["threads"])
     transformers.logging.set_verbosity_error()  # a vocabulary of 257 has no id 50256 for its default end-of-text
@@ -484,6 +494,6 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["worker"]:
         print(json.dumps(TASKS[sys.argv[2]](json.load(sys.stdin))))
     else:
-        from utils import run_cli
+        from cli import run_cli
 
         run_cli(main)

@@ -11,21 +11,7 @@ import zlib
 
 import numpy as np
 
-
-class _NamesArguments:
-    """arguments: the Python arguments the message names (top_p, ...); the command line shows them as its flags."""
-
-    def __init__(self, message, arguments=()):
-        super().__init__(message)
-        self.arguments = tuple(arguments)
-
-
-class GPT2Error(_NamesArguments, Exception):
-    """A problem the user can fix: the message says what is wrong and what to do."""
-
-
-class GPT2Warning(_NamesArguments, UserWarning):
-    """An option that will have no effect, and why."""
+from errors import GPT2Error
 
 
 # Where a tensor lies in the data file; crc32c is kept masked, as the index stores it (see _masked).

@@ -10,12 +10,15 @@ import math
 import sys
 import time
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 from tqdm import tqdm
 
-from utils import (GPT2Error, GPT2Warning, check_model_choice, load_encoder_hparams_and_params, run_cli,
-                   set_blas_threads)
+from errors import GPT2Error, GPT2Warning
+from threads import set_blas_threads
+from utils import check_model_choice, load_encoder_hparams_and_params
+
 
 def gelu(x):  # [...] -> [...]
     # GPT-2's tanh form, 0.5 * x * (1 + tanh(u)) with u = sqrt(2 / pi) * (x + 0.044715 * x**3), evaluated as
@@ -196,11 +199,27 @@ def choose(logits, rng, temperature=0.0, top_k=None, top_p=1.0, min_p=0.0):  # [
     return int(rng.choice(len(probs), p=filter_probs(probs, top_k, top_p, min_p)))
 
 
-def next_token(logits, seen, rng, repetition_penalty=1.0, **sampling):  # [n_vocab], [n_vocab] bool -> token id
+class Sampling(NamedTuple):
+    """How each next token is chosen; the defaults always pick the most likely one (greedy)."""
+    temperature: float = 0.0  # 0 picks the most likely token; higher samples more freely
+    top_k: int | None = None  # sample only among the k most likely tokens
+    top_p: float = 1.0  # sample only among the most likely tokens whose probability reaches p
+    min_p: float = 0.0  # sample only among the tokens at least min_p times as likely as the most likely one
+    repetition_penalty: float = 1.0  # make each token already in the text less likely (1 means no penalty)
+    seed: int | None = None  # the same seed gives the same samples; None or -1 takes a fresh random one
+
+
+def start_sampling(settings, n_vocab):  # {Sampling's fields} -> (Sampling, the random generator of its seed)
+    sampling = Sampling(**settings)
+    check_sampling(sampling, n_vocab)
+    return sampling, np.random.default_rng(None if sampling.seed == -1 else sampling.seed)
+
+
+def next_token(logits, seen, rng, sampling):  # [n_vocab], [n_vocab] bool -> token id
     check_finite(logits)
-    if repetition_penalty != 1.0:
-        logits = penalize_repetition(logits, seen, repetition_penalty)
-    return choose(logits, rng, **sampling)
+    if sampling.repetition_penalty != 1.0:
+        logits = penalize_repetition(logits, seen, sampling.repetition_penalty)
+    return choose(logits, rng, sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p)
 
 
 def check_finite(values):  # NaN or inf out of the model: no input causes that, only damaged weights do
@@ -220,8 +239,9 @@ def warn_no_effect(ignored, why, *also_named):  # also_named: other arguments th
                   stacklevel=3)
 
 
-def check_sampling(temperature, top_k, top_p, min_p=0.0, repetition_penalty=1.0, seed=None, n_vocab=None):
+def check_sampling(sampling, n_vocab=None):
     """A GPT2Error for a value out of range (top_k's bound once n_vocab is known); a warning for what greedy ignores."""
+    temperature, top_k, top_p, min_p, repetition_penalty, seed = sampling
     check(is_number(temperature) and 0 <= temperature < math.inf, "temperature", "a number >= 0 (0 means greedy)",
           temperature)
     check(top_k is None or is_int(top_k) and 1 <= top_k <= (n_vocab or top_k), "top_k",
@@ -260,22 +280,15 @@ def endoftext(endoftext_id, n_vocab):
     return n_vocab - 1 if endoftext_id is None else endoftext_id
 
 
-def rng_of(seed):  # seed None or -1: a fresh random generator
-    return np.random.default_rng(None if seed == -1 else seed)
-
-
-def generate_stream(inputs, params, n_head, n_tokens_to_generate, temperature=0.0, top_k=None, top_p=1.0, min_p=0.0,
-                    repetition_penalty=1.0, seed=None, stop_at_endoftext=True,
-                    endoftext_id=None):  # [n_seq] -> iterator of new ids
+def generate_stream(inputs, params, n_head, n_tokens_to_generate, stop_at_endoftext=True, endoftext_id=None,
+                    **sampling):  # [n_seq] -> iterator of new ids; sampling: Sampling's fields, greedy by default
     n_ctx, n_vocab = params["wpe"].shape[0], params["wte"].shape[0]
     eot = endoftext(endoftext_id, n_vocab)
     inputs = list(inputs) or [eot]  # an empty prompt starts a fresh document
     check_count(n_tokens_to_generate)
     if len(inputs) > n_ctx:
         raise GPT2Error(f"the prompt is {len(inputs)} tokens but this model's context holds {n_ctx}: shorten the prompt")
-    check_sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed, n_vocab)
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
-    rng = rng_of(seed)
+    sampling, rng = start_sampling(sampling, n_vocab)
     seen = np.zeros(n_vocab, dtype=bool)  # every token of the text so far, for the repetition penalty
     seen[inputs] = True
     kv_cache = new_kv_cache(params, n_head, 1, min(n_ctx, len(inputs) + n_tokens_to_generate))
@@ -287,7 +300,7 @@ def generate_stream(inputs, params, n_head, n_tokens_to_generate, temperature=0.
             inputs = inputs[-(n_ctx - 1):]
             tokens, start = inputs, 0
         logits = next_logits(np.array([tokens]), no_pads, params, n_head, kv_cache, start)[0]
-        next_id = next_token(logits, seen, rng, repetition_penalty, **sampling)
+        next_id = next_token(logits, seen, rng, sampling)
         if next_id == eot and stop_at_endoftext:
             return
         yield next_id
@@ -301,8 +314,8 @@ def generate(inputs, params, n_head, n_tokens_to_generate, **options):  # [n_seq
     return list(generate_stream(inputs, params, n_head, n_tokens_to_generate, **options))
 
 
-def generate_batch_stream(prompts, params, n_head, n_tokens_to_generate, temperature=0.0, top_k=None, top_p=1.0,
-                          min_p=0.0, repetition_penalty=1.0, seed=None, stop_at_endoftext=True, endoftext_id=None):
+def generate_batch_stream(prompts, params, n_head, n_tokens_to_generate, stop_at_endoftext=True, endoftext_id=None,
+                          **sampling):
     # n_batch x [n_seq_b] -> iterator of [n_batch] ids, one per step, until every row has chosen <|endoftext|>
     n_ctx, n_vocab = params["wpe"].shape[0], params["wte"].shape[0]
     eot = endoftext(endoftext_id, n_vocab)
@@ -315,9 +328,7 @@ def generate_batch_stream(prompts, params, n_head, n_tokens_to_generate, tempera
         raise GPT2Error(f"in a batch the longest prompt ({longest} tokens) plus n_tokens_to_generate "
                         f"({n_tokens_to_generate}) must fit in the context of {n_ctx}",
                         arguments=("n_tokens_to_generate",))
-    check_sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed, n_vocab)
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
-    rng = rng_of(seed)
+    sampling, rng = start_sampling(sampling, n_vocab)
     rows = np.arange(len(prompts))
     seen = np.zeros((len(prompts), n_vocab), dtype=bool)  # each row's own tokens, not its pads
     for row, prompt in zip(seen, prompts):
@@ -329,7 +340,7 @@ def generate_batch_stream(prompts, params, n_head, n_tokens_to_generate, tempera
     for _ in range(n_tokens_to_generate):
         logits = next_logits(tokens, pads, params, n_head, kv_cache, start)
         start += tokens.shape[1]
-        next_ids = np.array([next_token(row, row_seen, rng, repetition_penalty, **sampling)
+        next_ids = np.array([next_token(row, row_seen, rng, sampling)
                              for row, row_seen in zip(logits, seen)])
         seen[rows, next_ids] = True
         yield next_ids
@@ -414,7 +425,9 @@ def score(ids, params, n_head):  # [n_seq] -> [n_seq - 1] log-probability of eac
     return np.concatenate(list(score_windows(ids, params, n_head)))
 
 
-def open_text(path):  # a file to read text from, or standard input for "-"
+def open_text(path):  # a file to read text from, standard input for "-", None for None
+    if path is None:
+        return None
     if path == "-":
         return sys.stdin
     try:
@@ -431,9 +444,10 @@ def read_text(file, path, max_chars=-1):  # the text of a file from open_text, a
         raise GPT2Error(f"cannot read {path}: {e}") from None
 
 
-def read_prompt(file, path, encoder, n_ctx):  # the prompt in a file, refused after a bounded read if it cannot fit
+def read_prompt(file, path, encoder, hparams):  # the prompt in a file, refused after a bounded read if it can't fit
     # n_ctx tokens hold at most n_ctx times the longest token's bytes, and a character is at least one byte
     # (a token's string in the vocabulary has one character per byte)
+    n_ctx = hparams["n_ctx"]
     max_chars = n_ctx * max(len(token) for token in encoder.encoder)
     text = read_text(file, path, max_chars)
     if len(text) > max_chars:
@@ -451,11 +465,6 @@ def unescape(text, argument):  # text with the escapes of a Python string litera
     except (UnicodeDecodeError, Warning):
         raise GPT2Error(f'{argument} "{text}" has a backslash that starts no escape: write \\\\ for a backslash '
                         r"(escapes: \n \t \r \\ \xhh \uhhhh)", arguments=(argument,)) from None
-
-
-def changed_arguments(function, values):  # the names of function's parameters whose values are not their defaults
-    return [name for name, parameter in inspect.signature(function).parameters.items()
-            if values[name] != parameter.default]
 
 
 def progress(iterable=None, **options):  # a bar on stderr when it is a terminal, gone when done: stdout stays clean
@@ -487,6 +496,7 @@ def speed_line(n_prompt, times):  # the line --verbose ends with
 
 GENERATION_ONLY = ("n_tokens_to_generate", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed",
                    "stop", "ignore_endoftext", "num_samples", "echo")
+TEXT_SOURCES = ("prompt", "prompt_file", "prompts_file", "score_file")
 
 
 def main(prompt: str = "", /, n_tokens_to_generate=40, model_size: str | None = None, models_dir="models",
@@ -519,93 +529,120 @@ def main(prompt: str = "", /, n_tokens_to_generate=40, model_size: str | None = 
         threads: how many threads NumPy's BLAS uses (default: one per core).
         verbose: end with a line on stderr: prompt and new tokens, and tokens/s for prefill and decode.
     """
-    changed = changed_arguments(main, locals())
-    # Everything that can be checked from the arguments alone, before anything is downloaded or loaded
-    check_count(n_tokens_to_generate)
-    check_sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed)
-    check_model_choice(model_size, model_dir)
-    check(is_int(num_samples) and num_samples >= 1, "num_samples", "a whole number >= 1", num_samples)
-    check(threads is None or is_int(threads) and threads >= 1, "threads", "a whole number >= 1", threads)
-    stop = tuple(unescape(text, "stop") for text in stop)
-    check(all(stop), "stop", "a non-empty string (an empty one would end the text before it began)", "")
-    texts = [name for name in ("prompt", "prompt_file", "prompts_file", "score_file") if name in changed]
-    if len(texts) > 1:
-        raise GPT2Error(f"{' and '.join(texts)} were given together: give one text to work on", arguments=texts)
-    if num_samples > 1 and temperature == 0:
-        raise GPT2Error("num_samples above 1 needs a temperature above 0: greedy decoding gives the same text every "
-                        "time", arguments=("num_samples", "temperature"))
-    if num_samples > 1 and prompts_file is not None:
-        raise GPT2Error("num_samples and prompts_file were given together: sample one prompt, or run a batch",
-                        arguments=("num_samples", "prompts_file"))
-    unused_by_scoring = [name for name in GENERATION_ONLY if name in changed]
-    if score_file is not None and unused_by_scoring:
-        warn_no_effect(unused_by_scoring, "with score_file, which generates nothing", "score_file")
-    if per_token and score_file is None:
-        warn_no_effect(["per_token"], "without score_file", "score_file")
-    if echo and (prompts_file is not None or num_samples > 1):
-        warn_no_effect(["echo"], "where the output is JSON lines, which hold the prompt already")
+    arguments = dict(locals())
+    sampling, stop = check_arguments(arguments)
     if threads is not None:
         set_blas_threads(threads)
-    source = next((path for path in (prompt_file, prompts_file, score_file) if path is not None), None)
-    text_file = open_text(source) if source is not None else None  # a missing file is reported before loading
-
-    encoder, hparams, params = load_encoder_hparams_and_params(model_size, models_dir, model_dir)
-    n_head = hparams["n_head"]
-    endoftext_id = encoder.encoder.get("<|endoftext|>")
-    options = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                   repetition_penalty=repetition_penalty, stop_at_endoftext=not ignore_endoftext,
-                   endoftext_id=endoftext_id)
+    # opened before loading: a missing file is reported before anything is downloaded
+    text_file = open_text(next((path for path in (prompt_file, prompts_file, score_file) if path is not None), None))
+    model = load_encoder_hparams_and_params(model_size, models_dir, model_dir)
+    options = dict(sampling._asdict(), stop_at_endoftext=not ignore_endoftext,
+                   endoftext_id=model[0].encoder.get("<|endoftext|>"))
     times = dict(prefill_s=0.0, decode_s=0.0, decode_tokens=0, new_tokens=0)
-
     if score_file is not None:
-        ids = encoder.encode(read_text(text_file, score_file))
-        started, windows = time.perf_counter(), []
-        with progress(total=max(len(ids) - 1, 0), desc="scoring", unit="token") as bar:
-            for logprobs in score_windows(ids, params, n_head):
-                windows.append(logprobs)
-                bar.update(len(logprobs))
-        times["prefill_s"] = time.perf_counter() - started
-        logprobs = np.concatenate(windows)
-        if per_token:
-            for next_id, logprob in zip(ids[1:], logprobs):
-                print(f"{json.dumps(encoder.decode([next_id]), ensure_ascii=False)}\t{logprob:.6f}")
-        nll = -float(np.mean(logprobs))
-        print(f"tokens scored: {len(logprobs)}\nmean NLL: {nll:.6f}\nperplexity: {np.exp(nll):.6f}")
-        n_prompt = len(ids)
+        n_prompt = print_scores(model, read_text(text_file, score_file), per_token, times)
     elif prompts_file is not None:
         prompts = read_text(text_file, prompts_file).splitlines()
-        batch = [encoder.encode(p) for p in prompts]
-        steps = generate_batch_stream(batch, params, n_head, n_tokens_to_generate, seed=seed, **options)
-        steps = progress(timed(steps, times, len(batch)), total=n_tokens_to_generate, desc="generating", unit="step")
-        end_id = None if ignore_endoftext else endoftext(endoftext_id, hparams["n_vocab"])
-        outputs = batch_rows(steps, len(batch), end_id)
-        times["new_tokens"] = sum(len(ids) for ids in outputs)  # not the steps of rows that had ended
-        for prompt, ids in zip(prompts, outputs):
-            completion = "".join(stream_text(ids, encoder, stop))
-            print(json.dumps({"prompt": prompt, "completion": completion}, ensure_ascii=False))
-        n_prompt = sum(max(len(ids), 1) for ids in batch)
+        n_prompt = print_batch(model, prompts, n_tokens_to_generate, stop, options, times)
     else:
-        text = prompt if prompt_file is None else read_prompt(text_file, prompt_file, encoder, hparams["n_ctx"])
-        ids = encoder.encode(text)
-        n_prompt = num_samples * max(len(ids), 1)
-        if num_samples == 1:
-            if echo:
-                sys.stdout.write(text)
-            new_ids = timed(generate_stream(ids, params, n_head, n_tokens_to_generate, seed=seed, **options), times)
-            for piece in stream_text(new_ids, encoder, stop):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-            print()
-        else:
-            first_seed = seed if seed >= 0 else int(np.random.default_rng().integers(2**31))
-            for sample_seed in progress(range(first_seed, first_seed + num_samples), desc="sampling", unit="sample"):
-                new_ids = generate_stream(ids, params, n_head, n_tokens_to_generate, seed=sample_seed, **options)
-                completion = "".join(stream_text(timed(new_ids, times), encoder, stop))
-                print(json.dumps({"prompt": text, "seed": sample_seed, "completion": completion}, ensure_ascii=False),
-                      flush=True)
+        text = prompt if prompt_file is None else read_prompt(text_file, prompt_file, *model[:2])
+        n_prompt = print_samples(model, text, n_tokens_to_generate, stop, num_samples, echo, options, times)
     if verbose:
         print(speed_line(n_prompt, times), file=sys.stderr)
 
 
+def check_arguments(arguments):
+    """What can be checked of main's arguments alone, before anything is downloaded or loaded: a GPT2Error for a
+    value or combination that cannot run, a warning for one that has no effect -> (Sampling, the stop strings)."""
+    sampling = Sampling(**{name: arguments[name] for name in Sampling._fields})
+    changed = [name for name, parameter in inspect.signature(main).parameters.items()
+               if arguments[name] != parameter.default]
+    num_samples, threads = arguments["num_samples"], arguments["threads"]
+    check_count(arguments["n_tokens_to_generate"])
+    check_sampling(sampling)
+    check_model_choice(arguments["model_size"], arguments["model_dir"])
+    check(is_int(num_samples) and num_samples >= 1, "num_samples", "a whole number >= 1", num_samples)
+    check(threads is None or is_int(threads) and threads >= 1, "threads", "a whole number >= 1", threads)
+    stop = tuple(unescape(text, "stop") for text in arguments["stop"])
+    check(all(stop), "stop", "a non-empty string (an empty one would end the text before it began)", "")
+    texts = [name for name in TEXT_SOURCES if name in changed]
+    if len(texts) > 1:
+        raise GPT2Error(f"{' and '.join(texts)} were given together: give one text to work on", arguments=texts)
+    if num_samples > 1 and sampling.temperature == 0:
+        raise GPT2Error("num_samples above 1 needs a temperature above 0: greedy decoding gives the same text every "
+                        "time", arguments=("num_samples", "temperature"))
+    if num_samples > 1 and arguments["prompts_file"] is not None:
+        raise GPT2Error("num_samples and prompts_file were given together: sample one prompt, or run a batch",
+                        arguments=("num_samples", "prompts_file"))
+    warn_unused(arguments, changed)
+    return sampling, stop
+
+
+def warn_unused(arguments, changed):  # a warning for each argument that the others make useless
+    unused_by_scoring = [name for name in GENERATION_ONLY if name in changed]
+    if arguments["score_file"] is not None and unused_by_scoring:
+        warn_no_effect(unused_by_scoring, "with score_file, which generates nothing", "score_file")
+    if arguments["per_token"] and arguments["score_file"] is None:
+        warn_no_effect(["per_token"], "without score_file", "score_file")
+    if arguments["echo"] and (arguments["prompts_file"] is not None or arguments["num_samples"] > 1):
+        warn_no_effect(["echo"], "where the output is JSON lines, which hold the prompt already")
+
+
+def print_scores(model, text, per_token, times):  # -> the number of tokens read
+    encoder, hparams, params = model
+    ids = encoder.encode(text)
+    started, windows = time.perf_counter(), []
+    with progress(total=max(len(ids) - 1, 0), desc="scoring", unit="token") as bar:
+        for logprobs in score_windows(ids, params, hparams["n_head"]):
+            windows.append(logprobs)
+            bar.update(len(logprobs))
+    times["prefill_s"] = time.perf_counter() - started
+    logprobs = np.concatenate(windows)
+    if per_token:
+        for next_id, logprob in zip(ids[1:], logprobs):
+            print(f"{json.dumps(encoder.decode([next_id]), ensure_ascii=False)}\t{logprob:.6f}")
+    nll = -float(np.mean(logprobs))
+    print(f"tokens scored: {len(logprobs)}\nmean NLL: {nll:.6f}\nperplexity: {np.exp(nll):.6f}")
+    return len(ids)
+
+
+def print_batch(model, prompts, n_tokens_to_generate, stop, options, times):  # -> the number of prompt tokens
+    encoder, hparams, params = model
+    batch = [encoder.encode(p) for p in prompts]
+    steps = generate_batch_stream(batch, params, hparams["n_head"], n_tokens_to_generate, **options)
+    steps = progress(timed(steps, times, len(batch)), total=n_tokens_to_generate, desc="generating", unit="step")
+    end_id = endoftext(options["endoftext_id"], hparams["n_vocab"]) if options["stop_at_endoftext"] else None
+    outputs = batch_rows(steps, len(batch), end_id)
+    times["new_tokens"] = sum(len(ids) for ids in outputs)  # not the steps of rows that had ended
+    for prompt, ids in zip(prompts, outputs):
+        completion = "".join(stream_text(ids, encoder, stop))
+        print(json.dumps({"prompt": prompt, "completion": completion}, ensure_ascii=False))
+    return sum(max(len(ids), 1) for ids in batch)
+
+
+def print_samples(model, prompt, n_tokens_to_generate, stop, num_samples, echo, options, times):
+    # one continuation, streamed as it is generated, or num_samples of them as JSON lines, the i-th sampled with
+    # seed + i -> the number of prompt tokens
+    encoder, hparams, params = model
+    ids = encoder.encode(prompt)
+    if num_samples == 1:
+        if echo:
+            sys.stdout.write(prompt)
+        new_ids = timed(generate_stream(ids, params, hparams["n_head"], n_tokens_to_generate, **options), times)
+        for piece in stream_text(new_ids, encoder, stop):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        print()
+        return max(len(ids), 1)
+    first_seed = options["seed"] if options["seed"] >= 0 else int(np.random.default_rng().integers(2**31))
+    for seed in progress(range(first_seed, first_seed + num_samples), desc="sampling", unit="sample"):
+        new_ids = generate_stream(ids, params, hparams["n_head"], n_tokens_to_generate, **(options | {"seed": seed}))
+        completion = "".join(stream_text(timed(new_ids, times), encoder, stop))
+        print(json.dumps({"prompt": prompt, "seed": seed, "completion": completion}, ensure_ascii=False), flush=True)
+    return num_samples * max(len(ids), 1)
+
+
 if __name__ == "__main__":
+    from cli import run_cli
+
     run_cli(main)

@@ -3,7 +3,7 @@ import math
 
 import numpy as np
 
-from utils import GPT2Error, load_encoder_hparams_and_params, run_cli
+from errors import GPT2Error
 
 
 def gelu(x):  # [...] -> [...]
@@ -74,6 +74,8 @@ def main(prompt="", /, n_tokens_to_generate=40, model_size="124M", models_dir="m
     """
     if n_tokens_to_generate < 0:  # refused before loading, which may mean downloading
         raise GPT2Error(f"n_tokens_to_generate must be >= 0, got {n_tokens_to_generate}", ["n_tokens_to_generate"])
+    from utils import load_encoder_hparams_and_params
+
     encoder, hparams, params = load_encoder_hparams_and_params(model_size, models_dir)
     input_ids = encoder.encode(prompt) or [50256]  # no prompt: start a fresh text
     if len(input_ids) + n_tokens_to_generate > hparams["n_ctx"]:  # the prompt and the new tokens share the context
@@ -83,4 +85,6 @@ def main(prompt="", /, n_tokens_to_generate=40, model_size="124M", models_dir="m
 
 
 if __name__ == "__main__":
+    from cli import run_cli
+
     run_cli(main)

@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from checkpoint import GPT2Error
+from errors import GPT2Error
 from params import leaves, tree_map
 
 CHUNK = 1 << 16  # elements per chunk of the update: 256 KiB per array, five arrays fit in a core's L2 cache

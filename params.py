@@ -8,6 +8,13 @@ import math
 
 import numpy as np
 
+from errors import GPT2Error
+
+# Our name for each hyperparameter -> its key in OpenAI's hparams.json, and in Hugging Face's config.json.
+OPENAI_HPARAMS = {"n_vocab": "n_vocab", "n_ctx": "n_ctx", "n_embd": "n_embd", "n_head": "n_head", "n_layer": "n_layer"}
+HF_HPARAMS = {"n_vocab": "vocab_size", "n_ctx": "n_positions", "n_embd": "n_embd", "n_head": "n_head",
+              "n_layer": "n_layer"}
+
 
 def layout(hparams):  # -> the params tree with each array's shape where the array goes
     n_embd = hparams["n_embd"]
@@ -32,6 +39,26 @@ def layout(hparams):  # -> the params tree with each array's shape where the arr
         "blocks": [block() for _ in range(hparams["n_layer"])],
         "ln_f": norm(),
     }
+
+
+def checked_hparams(config, path, keys):
+    """Our five hyperparameters out of config, read from the file at path (keys: our name -> the file's key),
+    each a positive int, n_embd a multiple of n_head: the hyperparameters that layout() can build a tree of."""
+    fix = f"replace {path.name} with the one released with the model"
+    hparams = {}
+    for ours, theirs in keys.items():
+        if theirs not in config:
+            raise GPT2Error(f"{path} has no {theirs!r}: {fix}")
+        value = config[theirs]
+        if type(value) is not int or value <= 0:  # type(), because True is an int too
+            raise GPT2Error(f"{path}: {theirs!r} must be a positive whole number, not {value!r}: {fix}")
+        hparams[ours] = value
+    if hparams["n_embd"] % hparams["n_head"]:
+        raise GPT2Error(
+            f"{path}: {keys['n_embd']!r} ({hparams['n_embd']}) must be divisible by {keys['n_head']!r} "
+            f"({hparams['n_head']}), since each head takes an equal share: {fix}"
+        )
+    return hparams
 
 
 def leaves(tree, path=()):  # -> iterator of (path, leaf); a path is a tuple of dict keys and block numbers

@@ -15,7 +15,8 @@ import numpy as np
 import regex
 from tqdm import tqdm
 
-from utils import GPT2Error, write_text_atomically
+from errors import GPT2Error
+from files import write_text_atomically
 
 READ_BYTES = 1 << 20  # how much of the file is read at a time
 VALIDATION_SHARE = 0.1

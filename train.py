@@ -10,13 +10,9 @@ step and the random state, so that --resume continues exactly where a run stoppe
 evaluation, at the end and on Ctrl-C; a kill at any moment leaves a whole checkpoint (see save_checkpoint).
 """
 import contextlib
-import json
 import math
-import os
-import shutil
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,23 +21,17 @@ from tqdm import tqdm
 
 import gpt2
 from backward import loss, loss_and_grads
-from checkpoint import load_safetensors, save_safetensors
+from cli import run_cli
 from encoder import byte_level_encoder
+from errors import GPT2Error
 from optim import adamw_init, adamw_step, clip_grad_norm, learning_rate_at
-from params import hf_name, init_params, leaves, tree_map
+from params import init_params, leaves
 from prepare import prepare, split
-from utils import (MODEL_SIZES, GPT2Error, load_encoder_hparams_and_params, params_from_tensors, run_cli,
-                   save_hf_folder, write_text_atomically)
+from train_state import (LOG, check_same_model, finish_interrupted_save, load_checkpoint, make_out_dir, open_log,
+                         refuse_to_overwrite, save_checkpoint, writable, write_log)
+from utils import MODEL_SIZES, load_encoder_hparams_and_params
 
-# A checkpoint: the model in Hugging Face's layout, AdamW's two moments, and the step, random state and flags.
-MODEL_FILES = ("config.json", "vocab.json", "merges.txt", "model.safetensors")
-CHECKPOINT_FILES = (*MODEL_FILES, "optimizer.safetensors", "train_state.json")
-SAVING = ".saving"  # a checkpoint being written; one found at start was cut short by a kill, and is deleted
-SAVED = ".saved"  # a whole checkpoint being moved into out_dir; one found at start has its move finished
-LOG = "log.jsonl"
 SCRATCH = "scratch"
-# the flags that make the model what it is: a run can only be resumed with the same ones
-MODEL_FLAGS = ("init_from", "n_layer", "n_head", "n_embd", "block_size")
 SHAPE_DEFAULTS = {"n_layer": 4, "n_head": 4, "n_embd": 128}  # main's defaults, the shape of a model from scratch
 
 
@@ -82,46 +72,73 @@ def main(data: str | None = None, out_dir="out", init_from=SCRATCH, resume=False
     """
     flags = dict(locals())
     check_flags(flags)
-    data, out_dir, init_from = Path(str(data)), Path(str(out_dir)), str(init_from)
+    data, out_dir = Path(str(data)), Path(str(out_dir))
     check_text_file(data)
-    if resume:
-        finish_interrupted_save(out_dir)
-        encoder, hparams, params, optimizer, rng, saved_flags = load_checkpoint(out_dir)
-        check_same_model(saved_flags, flags, out_dir)
-    else:
-        refuse_to_overwrite(out_dir)
-        encoder, hparams, params = initial_model(init_from, models_dir, n_layer, n_head, n_embd, block_size, seed)
-        optimizer, rng = adamw_init(params), np.random.default_rng([seed, 1])
+    model, optimizer, rng = resumed_run(out_dir, flags) if resume else new_run(out_dir, flags)
+    make_out_dir(out_dir)
+    tokens = training_tokens(data, model[0], out_dir, block_size)
+    say(run_summary(model, tokens, data, optimizer["step"], resume))
+    interrupted = train(out_dir, model, optimizer, rng, tokens, flags, optimizer["step"] if resume else None)
+    how = "stopped by Ctrl-C at" if interrupted else "saved"
+    say(f"{how} step {optimizer['step']} in {out_dir}: generate with python gpt2.py --model_dir {out_dir}")
+    if interrupted:
+        raise KeyboardInterrupt
+
+
+def new_run(out_dir, flags):  # -> ((encoder, hparams, params), optimizer, rng) of a run starting at step 0
+    refuse_to_overwrite(out_dir)
+    init_from, block_size = str(flags["init_from"]), flags["block_size"]
+    encoder, hparams, params = initial_model(init_from, flags["models_dir"], flags["n_layer"], flags["n_head"],
+                                             flags["n_embd"], block_size, flags["seed"])
     if block_size > hparams["n_ctx"]:
         raise GPT2Error(f"block_size {block_size} is more than the {hparams['n_ctx']} positions of the context of "
                         f"init_from {init_from}: choose a block_size of at most {hparams['n_ctx']}",
                         arguments=("block_size", "init_from"))
-    make_out_dir(out_dir)
+    return (encoder, hparams, params), adamw_init(params), np.random.default_rng([flags["seed"], 1])
+
+
+def resumed_run(out_dir, flags):  # -> ((encoder, hparams, params), optimizer, rng) of the run saved in out_dir
+    finish_interrupted_save(out_dir)
+    encoder, hparams, params, optimizer, rng, saved_flags = load_checkpoint(out_dir)
+    check_same_model(saved_flags, flags, out_dir)
+    return (encoder, hparams, params), optimizer, rng
+
+
+def training_tokens(data, encoder, out_dir, block_size):  # -> (train tokens, validation tokens) of the text
     train_tokens, val_tokens = split(prepare(data, encoder, out_dir))
     for name, tokens in (("training", train_tokens), ("validation", val_tokens)):
         if len(tokens) < block_size + 1:
             raise GPT2Error(f"{data} gives {len(train_tokens) + len(val_tokens)} tokens, so its {name} part has "
                             f"{len(tokens)}, fewer than block_size + 1 = {block_size + 1}: give a longer text "
                             "or a smaller block_size", arguments=("block_size",))
+    return train_tokens, val_tokens
 
-    n_head, step = hparams["n_head"], optimizer["step"]
+
+def run_summary(model, tokens, data, step, resume):  # -> the line that says what is about to be trained
+    _, hparams, params = model
     n_params = sum(a.size for _, a in leaves(params))
-    say(f"training {n_params / 1e6:.2f}M parameters ({hparams['n_layer']} layers, {n_head} heads, "
-        f"{hparams['n_embd']} wide, vocabulary {hparams['n_vocab']}) on {len(train_tokens):,} tokens of {data}, "
-        f"validating on {len(val_tokens):,}; {'resuming at' if resume else 'from'} step {step}")
-    log = open_log(out_dir / LOG, step if resume else 0)
-    saved_step = step if resume else None
-    tokens_per_step = batch_size * block_size * gradient_accumulation_steps
+    return (f"training {n_params / 1e6:.2f}M parameters ({hparams['n_layer']} layers, {hparams['n_head']} heads, "
+            f"{hparams['n_embd']} wide, vocabulary {hparams['n_vocab']}) on {len(tokens[0]):,} tokens of {data}, "
+            f"validating on {len(tokens[1]):,}; {'resuming at' if resume else 'from'} step {step}")
+
+
+def train(out_dir, model, optimizer, rng, tokens, flags, saved_step):
+    """Train from the optimizer's step to max_iters; every eval_interval steps and at the end, estimate the losses,
+    show a sample and save a checkpoint. Ctrl-C stops after the current step and saves -> whether it did."""
+    encoder, hparams, params = model
+    n_head, max_iters = hparams["n_head"], flags["max_iters"]
+    log = open_log(out_dir / LOG, saved_step or 0)
     # disable=None: the bar only on a terminal; a log or a pipe gets log.jsonl's lines instead
-    bar = tqdm(total=max_iters, initial=min(step, max_iters), desc="training", unit="step", file=sys.stderr,
-               disable=None)
+    bar = tqdm(total=max_iters, initial=min(optimizer["step"], max_iters), desc="training", unit="step",
+               file=sys.stderr, disable=None)
     # np.errstate: a loss that overflows to NaN is caught by stop_unless_finite, which says what to do about it
     with log, bar, deferred_interrupt() as interrupted, np.errstate(all="ignore"):
         while True:
-            if step % eval_interval == 0 or step == max_iters:
-                report = evaluate(params, n_head, train_tokens, val_tokens, batch_size, block_size, eval_iters, seed)
+            step = optimizer["step"]
+            if step % flags["eval_interval"] == 0 or step == max_iters:
+                report = evaluate(params, n_head, tokens, flags)
                 stop_unless_finite(report, step, saved_step, out_dir)
-                report |= {"sample": sample(params, n_head, encoder, sample_tokens, seed, step)}
+                report["sample"] = sample(params, n_head, encoder, flags["sample_tokens"], flags["seed"], step)
                 say(f"step {step}: train loss {report['train_loss']:.4f}, val loss {report['val_loss']:.4f}\n"
                     f"{report['sample']}")
                 write_log(log, {"step": step} | report)
@@ -130,27 +147,32 @@ def main(data: str | None = None, out_dir="out", init_from=SCRATCH, resume=False
                     saved_step = step
             if step >= max_iters or interrupted:
                 break
-            lr = learning_rate
-            if decay_lr:
-                lr = learning_rate_at(step, learning_rate, warmup_iters, lr_decay_iters, min_lr)
-            started = time.perf_counter()
-            loss_value, grads = mean_loss_and_grads(train_tokens, params, n_head, batch_size, block_size,
-                                                    gradient_accumulation_steps, rng)
-            grad_norm = clip_grad_norm(grads, grad_clip)
-            stop_unless_finite({"loss": loss_value, "gradient norm": grad_norm}, step, saved_step, out_dir)
-            adamw_step(params, grads, optimizer, lr, beta1, beta2, weight_decay=weight_decay)
-            seconds = time.perf_counter() - started
-            write_log(log, {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                            "ms": round(seconds * 1000, 1), "tokens_per_s": round(tokens_per_step / seconds)})
-            step += 1
-            bar.set_postfix(loss=f"{loss_value:.4f}", tokens_per_s=f"{tokens_per_step / seconds:,.0f}")
+            entry = train_step(params, optimizer, rng, tokens[0], n_head, flags)
+            # a step that made the loss NaN stops the run here, before its weights could be saved
+            stop_unless_finite({"loss": entry["loss"], "gradient norm": entry["grad_norm"]}, step, saved_step, out_dir)
+            write_log(log, entry)
+            bar.set_postfix(loss=f"{entry['loss']:.4f}", tokens_per_s=f"{entry['tokens_per_s']:,}")
             bar.update()
-        if step != saved_step:
+        if optimizer["step"] != saved_step:
             save_checkpoint(out_dir, hparams, params, encoder, optimizer, rng, flags)
-    how = "stopped by Ctrl-C at" if interrupted else "saved"
-    say(f"{how} step {step} in {out_dir}: generate with python gpt2.py --model_dir {out_dir}")
-    if interrupted:
-        raise KeyboardInterrupt
+    return bool(interrupted)
+
+
+def train_step(params, optimizer, rng, tokens, n_head, flags):
+    """One optimizer step on a batch of tokens, params and the optimizer's state updated in place -> its log entry."""
+    step = optimizer["step"]
+    lr = flags["learning_rate"]
+    if flags["decay_lr"]:
+        lr = learning_rate_at(step, lr, flags["warmup_iters"], flags["lr_decay_iters"], flags["min_lr"])
+    started = time.perf_counter()
+    loss_value, grads = mean_loss_and_grads(tokens, params, n_head, flags["batch_size"], flags["block_size"],
+                                            flags["gradient_accumulation_steps"], rng)
+    grad_norm = clip_grad_norm(grads, flags["grad_clip"])
+    adamw_step(params, grads, optimizer, lr, flags["beta1"], flags["beta2"], weight_decay=flags["weight_decay"])
+    seconds = time.perf_counter() - started
+    tokens_per_step = flags["batch_size"] * flags["block_size"] * flags["gradient_accumulation_steps"]
+    return {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "ms": round(seconds * 1000, 1),
+            "tokens_per_s": round(tokens_per_step / seconds)}
 
 
 def stop_unless_finite(values, step, saved_step, out_dir):
@@ -218,28 +240,6 @@ def initial_model(init_from, models_dir, n_layer, n_head, n_embd, block_size, se
     return encoder, hparams, writable(params)
 
 
-def writable(tree):  # the loader's arrays are read-only memory maps, maybe non-C-contiguous views: copy them
-    return tree_map(lambda a: np.array(a, dtype=np.float32, order="C"), tree)
-
-
-def refuse_to_overwrite(out_dir):
-    if any((out_dir / name).exists() for name in (*CHECKPOINT_FILES, SAVED)):
-        raise GPT2Error(f"{out_dir} already holds a model: set resume to continue training it, "
-                        "or give another out_dir", arguments=("resume", "out_dir"))
-
-
-def make_out_dir(out_dir):
-    """Create out_dir if needed and make sure files can be written in it."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir):
-            pass
-    except OSError as e:
-        raise GPT2Error(f"cannot write in out_dir {out_dir} ({e.strerror}): give a folder you can write to",
-                        arguments=("out_dir",)) from None
-    shutil.rmtree(out_dir / SAVING, ignore_errors=True)
-
-
 def get_batch(tokens, batch_size, block_size, rng):  # -> inputs, targets [batch_size, block_size] from random places
     starts = rng.integers(len(tokens) - block_size, size=batch_size)
     rows = np.stack([tokens[start : start + block_size + 1] for start in starts]).astype(np.int64)
@@ -263,13 +263,13 @@ def mean_loss_and_grads(tokens, params, n_head, batch_size, block_size, n_micro,
     return total_loss / n_micro, total_grads
 
 
-def evaluate(params, n_head, train_tokens, val_tokens, batch_size, block_size, eval_iters, seed):
-    """The mean loss over eval_iters batches of each part; the same batches every time, so estimates compare."""
+def evaluate(params, n_head, tokens, flags):  # -> the mean loss of each part: {"train_loss": .., "val_loss": ..}
+    # over eval_iters batches, the same ones every time, so that the estimates compare across steps
     report = {}
-    for name, tokens in (("train_loss", train_tokens), ("val_loss", val_tokens)):
-        rng = np.random.default_rng([seed, 2])
-        report[name] = float(np.mean([loss(*get_batch(tokens, batch_size, block_size, rng), params, n_head)
-                                      for _ in range(eval_iters)]))
+    for name, part in zip(("train_loss", "val_loss"), tokens):
+        rng = np.random.default_rng([flags["seed"], 2])
+        batches = (get_batch(part, flags["batch_size"], flags["block_size"], rng) for _ in range(flags["eval_iters"]))
+        report[name] = float(np.mean([loss(*batch, params, n_head) for batch in batches]))
     return report
 
 
@@ -301,107 +301,6 @@ def deferred_interrupt():  # -> a list that becomes true at Ctrl-C, so the loop 
         yield pressed
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-def open_log(path, step):  # -> the JSON-lines log, open for appending, keeping only the lines of steps before step
-    kept = []
-    with contextlib.suppress(FileNotFoundError):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            with contextlib.suppress(ValueError, TypeError, AttributeError):  # a line a kill cut short, say
-                if json.loads(line)["step"] < step:
-                    kept.append(line + "\n")
-    write_text_atomically(path, "".join(kept))
-    return open(path, "a", encoding="utf-8")
-
-
-def write_log(log, entry):
-    log.write(json.dumps(entry, ensure_ascii=False) + "\n")
-    log.flush()
-
-
-def save_checkpoint(out_dir, hparams, params, encoder, optimizer, rng, flags):
-    """Save the model, AdamW's state, the step, the random state and the flags, so that a kill at any moment
-    leaves out_dir with one whole checkpoint: this one or the one before.
-
-    Each file is written atomically, but a kill between two files would still mix two checkpoints. So the files
-    are written into out_dir/.saving; renaming that folder to .saved is the commit point; then the files are
-    moved into out_dir one by one. A run that starts and finds .saving deletes it (the previous checkpoint is
-    still whole in out_dir), and one that finds .saved finishes moving its files (finish_interrupted_save).
-    """
-    saving = out_dir / SAVING
-    shutil.rmtree(saving, ignore_errors=True)
-    saving.mkdir()
-    save_hf_folder(saving, hparams, params, encoder)
-    moments = {f"{name}.{hf_name(path)}": array for name in ("m", "v") for path, array in leaves(optimizer[name])}
-    save_safetensors(saving / "optimizer.safetensors", moments)
-    state = {"step": optimizer["step"], "rng": rng.bit_generator.state, "flags": flags}
-    write_text_atomically(saving / "train_state.json", json.dumps(state, indent=2) + "\n")
-    for path in saving.iterdir():
-        fsync(path)  # every byte on disk before the commit
-    fsync(saving)
-    os.replace(saving, out_dir / SAVED)  # the commit point
-    finish_interrupted_save(out_dir)
-
-
-def finish_interrupted_save(out_dir):
-    """Move the files of a committed checkpoint (out_dir/.saved) into out_dir, if there is one."""
-    saved = out_dir / SAVED
-    if not saved.is_dir():
-        return
-    try:
-        for path in sorted(saved.iterdir()):
-            os.replace(path, out_dir / path.name)
-        saved.rmdir()
-        fsync(out_dir)
-    except OSError as e:
-        raise GPT2Error(f"cannot finish saving the checkpoint in {out_dir} ({e.strerror}): "
-                        "make the folder writable and run again") from None
-
-
-def fsync(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def load_checkpoint(out_dir):
-    """(encoder, hparams, params, optimizer, rng, flags) of the checkpoint in out_dir, each checked."""
-    missing = [name for name in CHECKPOINT_FILES if not (out_dir / name).is_file()]
-    if len(missing) == len(CHECKPOINT_FILES):
-        raise GPT2Error(f"{out_dir} holds no checkpoint to continue: run without resume to start training",
-                        arguments=("resume",))
-    fix = "continue from a whole checkpoint, or run without resume to start again in another out_dir"
-    fix_names = ("resume", "out_dir")
-    if missing:
-        raise GPT2Error(f"the checkpoint in {out_dir} lacks {', '.join(missing)}: {fix}", arguments=fix_names)
-    encoder, hparams, params = load_encoder_hparams_and_params(model_dir=out_dir, fast_layout=False)
-    state_path = out_dir / "train_state.json"
-    try:
-        state = json.loads(state_path.read_text(encoding="utf-8"))
-        step, flags = state["step"], state["flags"]
-        rng = np.random.default_rng()
-        rng.bit_generator.state = state["rng"]
-        if not gpt2.is_int(step) or step < 0 or not isinstance(flags, dict):
-            raise ValueError("a step or flags that no run saves")
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        raise GPT2Error(f"{state_path} is damaged ({e}): {fix}", arguments=fix_names) from None
-    optimizer_path = out_dir / "optimizer.safetensors"
-    tensors = load_safetensors(optimizer_path)
-    optimizer = {"step": step}
-    for name in ("m", "v"):
-        moment = {key.removeprefix(f"{name}."): t for key, t in tensors.items() if key.startswith(f"{name}.")}
-        moment = params_from_tensors(moment, hparams, hf_name, optimizer_path, out_dir / "config.json")
-        optimizer[name] = writable(moment)
-    return encoder, hparams, writable(params), optimizer, rng, flags
-
-
-def check_same_model(saved_flags, flags, out_dir):
-    for name in MODEL_FLAGS:
-        if saved_flags.get(name) != flags[name]:
-            raise GPT2Error(f"the run in {out_dir} was started with {name} {saved_flags.get(name)}, not "
-                            f"{flags[name]}: continue it with the settings it was started with", arguments=(name,))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from backward import loss, loss_and_grads
-from checkpoint import GPT2Error
+from errors import GPT2Error
 from params import hf_name, layout, leaves, tree_map
 
 GRAD_ATOL = 1e-5

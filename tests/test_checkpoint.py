@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import checkpoint
-from checkpoint import GPT2Error, load_safetensors, load_tf_checkpoint, read_tf_index, save_safetensors
+from checkpoint import load_safetensors, load_tf_checkpoint, read_tf_index, save_safetensors
+from errors import GPT2Error
 from conftest import ROOT, SHARED_124M_HEAD, flip_byte, tf_variables
 
 FIXTURES = ["tiny", "h12", "wide"]

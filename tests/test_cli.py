@@ -429,7 +429,8 @@ def test_run_cli_gives_any_main_an_exact_command_line(tmp_path):
     # what train.py and bench.py get too: flags typed by default or annotation, switches, repeatable flags, help
     (tmp_path / "toy.py").write_text(f"""import sys
 sys.path.insert(0, {str(ROOT)!r})
-from utils import GPT2Error, run_cli
+from cli import run_cli
+from errors import GPT2Error
 
 
 def main(n_layer=2, learning_rate=3e-4, out_dir: str | None = None, max_iters: int | None = None, compile=True,

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from transformers.generation.logits_process import MinPLogitsWarper, RepetitionPenaltyLogitsProcessor
 
 import gpt2
-from utils import GPT2Error, GPT2Warning
+from errors import GPT2Error, GPT2Warning
 
 PROMPT = [464, 3290, 286, 1204, 318]
 

@@ -13,9 +13,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 import gpt2
-import utils
+import download
 from conftest import SHARED_124M_HEAD, ROOT, assert_clean_error, run_script, tf_variables
-from utils import GPT2Error, download_gpt2_files, download_problem, load_encoder_hparams_and_params
+from download import download_gpt2_files, download_problem
+from errors import GPT2Error
+from utils import load_encoder_hparams_and_params
 
 LOGIN_PAGE = b"<!DOCTYPE html>\n<html><body>Please log in to use this network.</body></html>\n"
 TURING = "Alan Turing theorized that computers would one day become"
@@ -119,7 +121,7 @@ def gets(server):
 
 
 def assert_same_files(model_dir, source):
-    for name in utils.OPENAI_FILES:
+    for name in download.OPENAI_FILES:
         assert (model_dir / name).read_bytes() == (source / name).read_bytes(), name
     assert not list(model_dir.glob("*.part"))
 
@@ -140,7 +142,7 @@ def test_a_full_download_loads_as_the_fixture(tiny, serve, tmp_path, monkeypatch
     _, loaded_hparams, loaded = load_encoder_hparams_and_params("124M", tmp_path)
 
     assert_same_files(tmp_path / "124M", source)
-    assert gets(server) == {name: 1 for name in utils.OPENAI_FILES}
+    assert gets(server) == {name: 1 for name in download.OPENAI_FILES}
     assert loaded_hparams == hparams
     expected = tf_variables(params)
     for name, array in tf_variables(loaded).items():
@@ -160,11 +162,11 @@ def test_a_dropped_connection_leaves_a_part_file_that_the_next_run_resumes(tiny,
     assert 0 < part_size < size
     # Every retry asked for the rest of what the .part already held.
     data_ranges = [range_ for name, range_ in server.requests if name == DATA]
-    assert len(data_ranges) == len(utils.RETRY_DELAYS) + 1 and data_ranges[0] is None
+    assert len(data_ranges) == len(download.RETRY_DELAYS) + 1 and data_ranges[0] is None
     offsets = [int(r.removeprefix("bytes=").removesuffix("-")) for r in data_ranges[1:]]
     assert offsets == sorted(offsets) and offsets[0] > 0
     # the data file comes last, checked against the index downloaded before it
-    assert all((tmp_path / name).is_file() for name in set(utils.OPENAI_FILES) - {DATA})
+    assert all((tmp_path / name).is_file() for name in set(download.OPENAI_FILES) - {DATA})
 
     server.drop.clear()
     download_gpt2_files("124M", tmp_path, server.base_url)
@@ -214,7 +216,7 @@ def test_an_unknown_size_is_a_404_that_says_where_to_put_the_files(tiny, serve, 
     server = serve(tiny[0])
     message = download_error(tmp_path, server.base_url, model_size="999M")
     assert f"{server.base_url}/999M/checkpoint" in message and "404" in message
-    assert str(tmp_path) in message and all(name in message for name in utils.OPENAI_FILES)
+    assert str(tmp_path) in message and all(name in message for name in download.OPENAI_FILES)
     assert len(server.requests) == 1  # a 404 is not retried
     assert list(tmp_path.iterdir()) == []  # the lock is on the folder: no lock file lingers
 
@@ -231,7 +233,7 @@ def test_a_missing_file_is_a_404_and_leaves_no_partial_file(tiny, serve, tmp_pat
     assert gets(server)["vocab.bpe"] == 1
     assert not (model_dir / "vocab.bpe").exists() and not (model_dir / "vocab.bpe.part").exists()
     assert DATA not in gets(server)  # the data file comes last
-    for name in set(utils.OPENAI_FILES) - {"vocab.bpe", DATA}:
+    for name in set(download.OPENAI_FILES) - {"vocab.bpe", DATA}:
         assert (model_dir / name).read_bytes() == (source / name).read_bytes(), name
 
 
@@ -242,7 +244,7 @@ def test_two_processes_downloading_at_once_fetch_each_file_once(tiny, serve, tmp
     model_dir = tmp_path / "124M"
     script = (
         f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
-        "from utils import download_gpt2_files\n"
+        "from download import download_gpt2_files\n"
         "print('downloading', flush=True)\n"
         f"download_gpt2_files('124M', {str(model_dir)!r}, {server.base_url!r})\n"
     )
@@ -265,7 +267,7 @@ def test_two_processes_downloading_at_once_fetch_each_file_once(tiny, serve, tmp
 
     assert [process.returncode for process in (first, second)] == [0, 0], results
     assert all(count == 1 for count in requests_while_held.values())
-    assert gets(server) == {name: 1 for name in utils.OPENAI_FILES}
+    assert gets(server) == {name: 1 for name in download.OPENAI_FILES}
     assert_same_files(model_dir, source)
 
 
@@ -292,7 +294,7 @@ def test_a_login_page_answering_every_address_is_not_kept(tiny, serve, tmp_path)
     assert_same_files(tmp_path, source)
 
 
-@pytest.mark.parametrize("name", utils.OPENAI_FILES)
+@pytest.mark.parametrize("name", download.OPENAI_FILES)
 def test_each_file_is_checked_before_it_takes_its_name(name, tiny, serve, tmp_path):
     served = tmp_path / "served"
     shutil.copytree(tiny[0], served)
@@ -330,7 +332,7 @@ def test_openai_files_pass_the_checks_and_a_truncated_data_file_does_not():
 def test_a_folder_poisoned_by_an_earlier_version_is_repaired_by_running_again(tiny, serve, tmp_path, loaded_model):
     source = tiny[0]
     server = serve(source)
-    for name in utils.OPENAI_FILES:  # every file "complete", and each a login page
+    for name in download.OPENAI_FILES:  # every file "complete", and each a login page
         (tmp_path / "124M").mkdir(exist_ok=True)
         (tmp_path / "124M" / name).write_bytes(LOGIN_PAGE)
 
@@ -340,10 +342,10 @@ def test_a_folder_poisoned_by_an_earlier_version_is_repaired_by_running_again(ti
     encoder, hparams, params = loaded_model("tiny")
     expected = encoder.decode(gpt2.generate(encoder.encode(TURING), params, hparams["n_head"], 5))
     assert (result.returncode, result.stdout) == (0, expected + "\n"), result.stderr
-    assert gets(server) == {name: 1 for name in utils.OPENAI_FILES}
+    assert gets(server) == {name: 1 for name in download.OPENAI_FILES}
     assert_same_files(tmp_path / "124M", source)
     notes = result.stderr.splitlines()
-    assert len(notes) == len(utils.OPENAI_FILES) and all("downloaded it again" in note for note in notes)
+    assert len(notes) == len(download.OPENAI_FILES) and all("downloaded it again" in note for note in notes)
 
 
 def test_repair_downloads_only_the_files_that_fail_their_check(tiny, serve, tmp_path, monkeypatch):
@@ -371,8 +373,8 @@ def test_a_complete_part_file_is_kept_not_downloaded_again(tiny, serve, tmp_path
 
 def test_a_stalled_connection_shows_its_stall_and_gives_up_naming_the_mirror(tiny, serve, tmp_path, monkeypatch,
                                                                                capsys):
-    monkeypatch.setattr(utils, "DOWNLOAD_TIMEOUT", (2, 0.5))
-    monkeypatch.setattr(utils, "RETRY_DELAYS", (0.01, 0.01))
+    monkeypatch.setattr(download, "DOWNLOAD_TIMEOUT", (2, 0.5))
+    monkeypatch.setattr(download, "RETRY_DELAYS", (0.01, 0.01))
     server = serve(tiny[0], stall={DATA})
     started = time.monotonic()
 
@@ -387,8 +389,8 @@ def test_a_stalled_connection_shows_its_stall_and_gives_up_naming_the_mirror(tin
 
 
 def test_a_mirror_that_stops_answering_is_given_up_within_a_minute():
-    attempts = len(utils.RETRY_DELAYS) + 1
-    assert attempts * sum(utils.DOWNLOAD_TIMEOUT) + sum(utils.RETRY_DELAYS) < 60
+    attempts = len(download.RETRY_DELAYS) + 1
+    assert attempts * sum(download.DOWNLOAD_TIMEOUT) + sum(download.RETRY_DELAYS) < 60
 
 
 # --- nothing is downloaded for a command line that is refused --------------------------------------------------------
@@ -445,4 +447,4 @@ def test_the_same_command_line_made_right_downloads_and_runs(tiny, serve, tmp_pa
     expected = encoder.decode(gpt2.generate(encoder.encode(TURING), params, hparams["n_head"], 5, temperature=0.8,
                                             seed=1))
     assert (result.returncode, result.stdout, result.stderr) == (0, expected + "\n", "")
-    assert gets(server) == {name: 1 for name in utils.OPENAI_FILES}
+    assert gets(server) == {name: 1 for name in download.OPENAI_FILES}

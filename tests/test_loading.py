@@ -11,18 +11,21 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+import download
+import fast_layout
 import utils
 from checkpoint import read_tf_index
 from params import leaves, openai_name
 from conftest import ROOT, SHAPES, flip_byte, make_params, tf_variables, write_openai_checkpoint
-from utils import GPT2Error, load_encoder_hparams_and_params
+from errors import GPT2Error
+from utils import load_encoder_hparams_and_params
 
 DATA = "model.ckpt.data-00000-of-00001"
 
 
 def copy_model(source, destination):
     """A private copy of a model folder, without the files a previous load may have left in it."""
-    ignored = shutil.ignore_patterns(utils.VERIFIED_MARKER, utils.FAST_LAYOUT_FILE, ".download.lock")
+    ignored = shutil.ignore_patterns(utils.VERIFIED_MARKER, fast_layout.FAST_LAYOUT_FILE, ".download.lock")
     shutil.copytree(source, destination, ignore=ignored)
     return destination
 
@@ -106,12 +109,12 @@ def test_each_fixture_loads_bit_for_bit(name, fixture_model, tmp_path, checkpoin
     # Zero-copy: each array is a view of the memory-mapped fast-layout file the first load wrote, not a copy.
     assert crc_passes(checkpoint_loads) == [True]
     for _, array in leaves(loaded):
-        assert os.path.samefile(array.filename, model_dir / utils.FAST_LAYOUT_FILE)
+        assert os.path.samefile(array.filename, model_dir / fast_layout.FAST_LAYOUT_FILE)
 
 
 def test_a_models_dir_folder_loads_as_its_hparams_say_without_downloading(fixture_model, tmp_path, monkeypatch):
     copy_model(fixture_model("tiny")[0], tmp_path / "124M")
-    monkeypatch.setattr(utils, "download_gpt2_files", lambda *a, **k: pytest.fail("nothing is missing"))
+    monkeypatch.setattr(download, "download_gpt2_files", lambda *a, **k: pytest.fail("nothing is missing"))
     _, hparams, params = load_encoder_hparams_and_params("124M", str(tmp_path))
     assert hparams == SHAPES["tiny"]
     assert_same_params(params, fixture_model("tiny")[2])
@@ -245,7 +248,7 @@ def test_missing_hparams_json_in_a_models_dir_folder_is_named(tiny_dir, monkeypa
     shutil.move(tiny_dir, model_dir)
     (model_dir / "hparams.json").unlink()
     # As if the download had stopped short of hparams.json.
-    monkeypatch.setattr(utils, "download_gpt2_files", lambda *a, **k: None)
+    monkeypatch.setattr(download, "download_gpt2_files", lambda *a, **k: None)
     assert "hparams.json is missing" in load_error(model_size="124M", models_dir=model_dir.parent)
 
 
@@ -352,21 +355,21 @@ def test_a_missing_model_dir_is_a_clear_error(tmp_path):
 def fast_layout_loads(monkeypatch):
     """verify_crc of each call the loader makes to load_safetensors for the fast-layout file."""
     calls = []
-    real_load = utils.load_safetensors
+    real_load = fast_layout.load_safetensors
 
     def spy(path, verify_crc=False):
-        if Path(path).name == utils.FAST_LAYOUT_FILE:
+        if Path(path).name == fast_layout.FAST_LAYOUT_FILE:
             calls.append(verify_crc)
         return real_load(path, verify_crc)
 
-    monkeypatch.setattr(utils, "load_safetensors", spy)
+    monkeypatch.setattr(fast_layout, "load_safetensors", spy)
     return calls
 
 
 def assert_fast_layout(params, model_dir):
     """Every array a view of the fast-layout file; each weight [n_in, n_out] the transpose of a stored [n_out, n_in]."""
     for path, array in leaves(params):
-        assert os.path.samefile(array.filename, model_dir / utils.FAST_LAYOUT_FILE), path
+        assert os.path.samefile(array.filename, model_dir / fast_layout.FAST_LAYOUT_FILE), path
         assert (array.T if path[-1] == "w" else array).flags.c_contiguous, path
 
 
@@ -412,7 +415,7 @@ FAST_LAYOUT_DAMAGE = ["a byte flipped in a new copy", "a byte flipped, then the 
 @pytest.mark.parametrize("damage", FAST_LAYOUT_DAMAGE)
 def test_a_damaged_fast_layout_is_noticed_and_written_again(damage, tiny_dir, fixture_model, fast_layout_loads):
     load_encoder_hparams_and_params(model_dir=tiny_dir)
-    fast_file = tiny_dir / utils.FAST_LAYOUT_FILE
+    fast_file = tiny_dir / fast_layout.FAST_LAYOUT_FILE
     if damage == "a byte flipped in a new copy":  # as a restore from a backup would put it back
         shutil.copyfile(fast_file, tiny_dir / "copy")
         flip_byte(tiny_dir / "copy", fast_file.stat().st_size - 5)
@@ -435,8 +438,8 @@ def test_a_damaged_fast_layout_is_noticed_and_written_again(damage, tiny_dir, fi
 
 def test_a_folder_the_fast_layout_cannot_be_written_to_loads_in_the_checkpoints_layout(tiny_dir, fixture_model):
     # A folder entry in the way makes writing the file fail, as in a read-only model folder or on a full disk.
-    (tiny_dir / f"{utils.FAST_LAYOUT_FILE}.{os.getpid()}").mkdir()
+    (tiny_dir / f"{fast_layout.FAST_LAYOUT_FILE}.{os.getpid()}").mkdir()
     _, _, loaded = load_encoder_hparams_and_params(model_dir=tiny_dir)
     assert_same_params(loaded, fixture_model("tiny")[2])
-    assert not (tiny_dir / utils.FAST_LAYOUT_FILE).exists()
+    assert not (tiny_dir / fast_layout.FAST_LAYOUT_FILE).exists()
     assert all(os.path.samefile(array.filename, tiny_dir / DATA) for _, array in leaves(loaded))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from backward import loss_and_grads
-from checkpoint import GPT2Error
+from errors import GPT2Error
 from conftest import hf_gpt2
 from optim import CHUNK, adamw_init, adamw_step, clip_grad_norm, learning_rate_at
 from params import hf_name, leaves, tree_map

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import prepare
 import shakespeare
 from encoder import byte_level_encoder, load_encoder
-from utils import GPT2Error
+from errors import GPT2Error
 
 # Texts where a careless cut would change the ids: whitespace runs ("\s+(?!\S)" leaves a run's last space to the
 # next word), contractions, CJK runs (one pre-token each, with nowhere to cut), emoji sequences joined by

@@ -16,10 +16,12 @@ from hypothesis import strategies as st
 
 import gpt2
 import train
+import train_state
 from backward import loss_and_grads
 from conftest import OFFLINE, ROOT, TINY_RUN, assert_clean_error, run_script
 from params import leaves, tree_map
-from utils import GPT2Error, load_encoder_hparams_and_params
+from errors import GPT2Error
+from utils import load_encoder_hparams_and_params
 
 STATE_FILES = ("model.safetensors", "optimizer.safetensors")
 
@@ -87,7 +89,7 @@ class Killed(BaseException):
     """What a kill does to the code that saves: it stops there, and no except or cleanup of ours runs."""
 
 
-SAVE_CHECKPOINT, REPLACE = train.save_checkpoint, os.replace  # the real ones, before any test patches them
+SAVE_CHECKPOINT, REPLACE = train_state.save_checkpoint, os.replace  # the real ones, before any test patches them
 
 
 def killing_save(monkeypatch, kill_at):  # -> train.save_checkpoint, but killed at its kill_at-th rename
@@ -108,19 +110,19 @@ def killing_save(monkeypatch, kill_at):  # -> train.save_checkpoint, but killed 
 
 
 def checkpoint_files(out_dir):  # -> {name: bytes} of the checkpoint's files
-    return {name: (out_dir / name).read_bytes() for name in train.CHECKPOINT_FILES}
+    return {name: (out_dir / name).read_bytes() for name in train_state.CHECKPOINT_FILES}
 
 
 def test_a_save_killed_at_any_rename_leaves_the_old_checkpoint_before_the_commit_and_the_new_after(
         tmp_path, trained, monkeypatch):
     # Every file is written under a temporary name and renamed: a kill between any two renames, or while a file
     # is written (which leaves a temporary file behind), is a kill at one of the renames.
-    encoder, hparams, params, optimizer, rng, flags = train.load_checkpoint(trained)
+    encoder, hparams, params, optimizer, rng, flags = train_state.load_checkpoint(trained)
     newer_params = tree_map(lambda a: a + 1, params)
     newer_optimizer = {"step": optimizer["step"] + 1, "m": tree_map(np.negative, optimizer["m"]), "v": optimizer["v"]}
     newer = tmp_path / "newer"
     newer.mkdir()
-    train.save_checkpoint(newer, hparams, newer_params, encoder, newer_optimizer, rng, flags)
+    train_state.save_checkpoint(newer, hparams, newer_params, encoder, newer_optimizer, rng, flags)
     old, new = checkpoint_files(trained), checkpoint_files(newer)
 
     found, kill_at = [], 0
@@ -132,20 +134,20 @@ def test_a_save_killed_at_any_rename_leaves_the_old_checkpoint_before_the_commit
             killing_save(monkeypatch, kill_at)(out_dir, hparams, newer_params, encoder, newer_optimizer, rng, flags)
             found.append("finished")  # kill_at is past the save's last rename
         except Killed:
-            train.finish_interrupted_save(out_dir)  # what --resume does first, and a fresh run refuses to overwrite
-            train.make_out_dir(out_dir)  # and what both do before writing
+            train_state.finish_interrupted_save(out_dir)  # what --resume does first, and a fresh run refuses to overwrite
+            train_state.make_out_dir(out_dir)  # and what both do before writing
             found.append("old" if checkpoint_files(out_dir) == old else "new" if checkpoint_files(out_dir) == new
                          else "mixed")
-        assert not (out_dir / train.SAVING).exists() and not (out_dir / train.SAVED).exists()
-        assert not [p.name for p in out_dir.iterdir() if p.name not in (*train.CHECKPOINT_FILES, *files(trained))]
-    n_written = len(train.CHECKPOINT_FILES)  # each file renamed into .saving, then the commit, then each moved
+        assert not (out_dir / train_state.SAVING).exists() and not (out_dir / train_state.SAVED).exists()
+        assert not [p.name for p in out_dir.iterdir() if p.name not in (*train_state.CHECKPOINT_FILES, *files(trained))]
+    n_written = len(train_state.CHECKPOINT_FILES)  # each file renamed into .saving, then the commit, then each moved
     assert found == ["old"] * (n_written + 1) + ["new"] * n_written + ["finished"], found
 
 
 def test_a_killed_first_save_is_redone_by_the_same_command_or_finished_by_resume(tmp_path, training_text,
                                                                                 monkeypatch):
     train_in_process(training_text, tmp_path / "whole", max_iters=2)
-    n_renames = 2 * len(train.CHECKPOINT_FILES) + 1
+    n_renames = 2 * len(train_state.CHECKPOINT_FILES) + 1
     for kill_at in (2, n_renames - 2):  # before the commit, and after it while the files are being moved
         out_dir = tmp_path / f"killed-at-{kill_at}"
         monkeypatch.setattr(train, "save_checkpoint", killing_save(monkeypatch, kill_at))
@@ -219,7 +221,7 @@ def test_a_byte_level_model_round_trips_any_utf8_text_through_its_encoder(traine
 
 def test_gradient_accumulation_averages_the_micro_batches(trained):
     encoder, hparams, params = load_encoder_hparams_and_params(model_dir=str(trained))
-    params, n_head = train.writable(params), hparams["n_head"]
+    params, n_head = train_state.writable(params), hparams["n_head"]
     tokens = np.array(encoder.encode("Now is the winter of our discontent made glorious summer " * 10))
     loss_value, grads = train.mean_loss_and_grads(tokens, params, n_head, 3, 16, 2, np.random.default_rng(7))
     # the same two micro-batches as one batch of 6: the mean over all rows is the mean of the two means
