@@ -357,7 +357,10 @@ def inference_spec(model_size, model_dir, models_dir, n_new, threads):
     # transformers reads Hugging Face's layout only: an OpenAI-layout folder gets a copy in that layout
     hf_dir = model_dir if (model_dir / "config.json").is_file() else Path(models_dir) / f"{model_dir.name}-hf"
     rng = np.random.default_rng(0)
-    prompt = lambda n: rng.integers(0, EOT, n).tolist()  # EOT excluded: it would restart the document
+
+    def prompt(n):  # EOT excluded: it would restart the document
+        return rng.integers(0, EOT, n).tolist()
+
     return dict(model_dir=str(model_dir), hf_dir=str(hf_dir),
                 gguf_path=str(Path(models_dir) / f"{model_dir.name}-f32.gguf"), threads=threads, n_new=n_new,
                 prompt=prompt(PROMPT_LEN), long_prompt=prompt(LONG_PROMPT_LEN),

@@ -78,16 +78,18 @@ def cli_parser(main):
 
     main's positional-only parameters become positional arguments and its other parameters --flags named as the
     parameters are. A flag's value is read as the type of its default, or of its annotation where the default is
-    None (top_k: int | None = None); a bool is a switch (--name, or --no_name when it defaults to True); a tuple
-    annotation makes a flag that may be given more than once. The help text is the Args: section of main's
-    docstring. Abbreviations are refused: --temp is not taken for --temperature.
+    None (top_k: int | None = None) or where there is none, which makes the flag required (data: str); a bool is a
+    switch (--name, or --no_name when it defaults to True); a tuple annotation makes a flag that may be given more
+    than once. The help text is the Args: section of main's docstring, and the default where there is one.
+    Abbreviations are refused: --temp is not taken for --temperature.
     """
     summary, helps = docstring_parts(main.__doc__)
     parser = CommandLineParser(description=summary, allow_abbrev=False)
     positionals = []
     for name, parameter in inspect.signature(main).parameters.items():
         default, value_type = parameter.default, cli_value_type(parameter)
-        shown = "" if default in (None, "", ()) or isinstance(default, bool) else f" (default: {default})"
+        required = default is inspect.Parameter.empty
+        shown = "" if required or default in (None, "", ()) or isinstance(default, bool) else f" (default: {default})"
         help_text = (helps.get(name, "") + shown).replace("%", "%%")  # argparse %-formats help
         if parameter.kind is inspect.Parameter.POSITIONAL_ONLY:
             positionals.append(name)
@@ -100,8 +102,8 @@ def cli_parser(main):
             parser.add_argument(f"--{name}", action="append", default=list(default), type=VALUE_READERS[item_type],
                                 metavar=METAVARS[item_type], help=help_text)
         else:
-            parser.add_argument(f"--{name}", default=default, type=VALUE_READERS[value_type],
-                                metavar=METAVARS[value_type], help=help_text)
+            parser.add_argument(f"--{name}", default=None if required else default, required=required,
+                                type=VALUE_READERS[value_type], metavar=METAVARS[value_type], help=help_text)
     return parser, positionals
 
 

@@ -509,7 +509,7 @@ def main(prompt: str = "", /, n_tokens_to_generate=40, model_size: str | None = 
     Args:
         prompt: the text to continue, exactly as typed; empty starts a fresh text from <|endoftext|>.
         n_tokens_to_generate: how many tokens to add at most.
-        model_size: 124M (the default), 355M, 774M or 1558M; downloaded into models_dir on first use.
+        model_size: 124M, 355M, 774M or 1558M, downloaded into models_dir on first use (default: 124M).
         models_dir: where model sizes are kept.
         model_dir: load this folder instead (OpenAI's layout, or Hugging Face's with model.safetensors).
         temperature: 0 picks the most likely token; higher samples more freely.
@@ -518,7 +518,7 @@ def main(prompt: str = "", /, n_tokens_to_generate=40, model_size: str | None = 
         min_p: sample only among the tokens at least min_p times as likely as the most likely one.
         repetition_penalty: make each token already in the text less likely, as Hugging Face does (1 means none).
         seed: the same seed gives the same samples; -1 takes a fresh random one.
-        stop: end the text before this string (not printed); give it again for more; \n, \t and \\ are escapes.
+        stop: end the text before this string (not printed); give it again for more; escapes: \n \t \r \\ \xhh \uhhhh.
         ignore_endoftext: keep generating past <|endoftext|>.
         num_samples: sample this many completions of the prompt, the i-th with seed + i; prints JSON lines.
         echo: print the prompt before the continuation.

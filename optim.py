@@ -15,7 +15,9 @@ CHUNK = 1 << 16  # elements per chunk of the update: 256 KiB per array, five arr
 
 
 def adamw_init(params):  # -> {"step": 0, "m": zeros like params, "v": zeros like params}
-    zeros = lambda a: np.zeros(a.shape, np.float32)  # noqa: E731
+    def zeros(a):
+        return np.zeros(a.shape, np.float32)
+
     return {"step": 0, "m": tree_map(zeros, params), "v": tree_map(zeros, params)}
 
 

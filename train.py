@@ -35,7 +35,7 @@ SCRATCH = "scratch"
 SHAPE_DEFAULTS = {"n_layer": 4, "n_head": 4, "n_embd": 128}  # main's defaults, the shape of a model from scratch
 
 
-def main(data: str | None = None, out_dir="out", init_from=SCRATCH, resume=False, models_dir="models",
+def main(data: str, out_dir="out", init_from=SCRATCH, resume=False, models_dir="models",
          n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, gradient_accumulation_steps=1,
          max_iters=2000, learning_rate=1e-3, decay_lr=True, warmup_iters=100, lr_decay_iters=2000, min_lr=1e-4,
          weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0, eval_interval=250, eval_iters=20,
