@@ -18,7 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from errors import GPT2Error
+from gpt2 import check, is_int, warn_no_effect
 from params import leaves
+from utils import check_model_choice, load_encoder_hparams_and_params
 
 EOT = 50256  # <|endoftext|> in GPT-2's vocabulary, which every size shares
 SIZES = {  # GPT-2's real shapes: speed depends on them, not on the weights' values
@@ -30,6 +33,7 @@ SIZES = {  # GPT-2's real shapes: speed depends on them, not on the weights' val
 PROMPT_LEN, LONG_PROMPT_LEN, N_UNCACHED = 10, 512, 16
 SCORE_LEN = 1024  # one window of scoring: GPT-2's context
 BATCH_LENGTHS = (5, 6, 7, 8, 9, 10, 6, 8)  # different lengths, so padding and masks are exercised
+MAX_N_NEW = SCORE_LEN - max(PROMPT_LEN, *BATCH_LENGTHS)  # the longest prompt and its new tokens share the context
 
 
 def note(message):
@@ -242,9 +246,11 @@ def child(task, spec):
     threads = str(spec["threads"])
     env = dict(os.environ, OPENBLAS_NUM_THREADS=threads, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
                TF_CPP_MIN_LOG_LEVEL="3")
-    out = subprocess.run([sys.executable, __file__, "worker", task], input=json.dumps(spec), env=env, check=True,
-                         stdout=subprocess.PIPE, text=True).stdout
-    return json.loads(out.splitlines()[-1])
+    result = subprocess.run([sys.executable, __file__, "worker", task], input=json.dumps(spec), env=env,
+                            stdout=subprocess.PIPE, text=True)
+    if result.returncode != 0:
+        raise GPT2Error(f"the {task} worker stopped with status {result.returncode}: its error is above")
+    return json.loads(result.stdout.splitlines()[-1])
 
 
 # name in the table, worker, the modules it needs, the file it loads, the task that writes that file
@@ -304,12 +310,13 @@ def table(title, spec, ours, others):
     return lines
 
 
-def main(model_size="124M", model_dir: str | None = None, models_dir="bench-models", n_new=128, threads=2, train=False,
-         runs=3):
+def main(model_size: str | None = None, model_dir: str | None = None, models_dir="bench-models", n_new=128, threads=2,
+         train=False, runs=3):
     """Time this project's GPT-2 against the other engines installed, on one checkpoint; print a markdown table.
 
     Args:
-        model_size: 124M, 355M, 774M or 1558M: the shape of the random-weight checkpoint built in models_dir.
+        model_size: 124M, 355M, 774M or 1558M: the shape of the random-weight checkpoint built in models_dir
+            (default: 124M).
         model_dir: benchmark this existing model folder instead (OpenAI's layout or Hugging Face's).
         models_dir: where built checkpoints, and the copies the other engines load, are kept.
         n_new: how many tokens the decode and batch rows generate.
@@ -317,9 +324,10 @@ def main(model_size="124M", model_dir: str | None = None, models_dir="bench-mode
         train: time a training step instead, ours against PyTorch's, for the baby GPT and 124M fine-tuning.
         runs: with train, how many times each engine runs, interleaved; the table has the medians.
     """
+    check_flags(model_size, model_dir, n_new, threads, train, runs)
     if train:
         return train_main(threads, runs)
-    spec = inference_spec(model_size, model_dir, models_dir, n_new, threads)
+    spec = inference_spec(model_size or "124M", model_dir, models_dir, n_new, threads)
     engines = [engine for engine in ENGINES if all(importlib.util.find_spec(m) for m in engine[2])]
     for name, _, _, path, writer in engines:
         if not Path(spec[path]).exists():
@@ -342,12 +350,29 @@ def main(model_size="124M", model_dir: str | None = None, models_dir="bench-mode
     print("\n".join(agreement(ours, others)))
 
 
+def check_flags(model_size, model_dir, n_new, threads, train, runs):
+    """A GPT2Error for a flag no run could use, before anything is built or run; a warning for one without effect."""
+    check_model_choice(model_size, model_dir)
+    check(is_int(n_new) and 1 <= n_new <= MAX_N_NEW, "n_new", f"a whole number from 1 to {MAX_N_NEW}", n_new)
+    check(is_int(threads) and threads >= 1, "threads", "a whole number >= 1", threads)
+    check(is_int(runs) and runs >= 1, "runs", "a whole number >= 1", runs)
+    if train:
+        ignored = [name for name, is_set in (("model_size", model_size is not None), ("model_dir", model_dir is not None),
+                                             ("n_new", n_new != 128)) if is_set]
+        if ignored:
+            warn_no_effect(ignored, "with train, which times training steps of its own shapes", "train")
+    elif model_dir is not None:
+        _, hparams, _ = load_encoder_hparams_and_params(model_dir=model_dir, fast_layout=False)
+        if hparams["n_ctx"] < SCORE_LEN or hparams["n_vocab"] < EOT + 1:
+            raise GPT2Error(f"model_dir {model_dir} has a context of {hparams['n_ctx']} and a vocabulary of "
+                            f"{hparams['n_vocab']}: the benchmark's prompts need GPT-2's ({SCORE_LEN} positions, "
+                            f"{EOT + 1} tokens); give a folder of one of GPT-2's sizes", arguments=("model_dir",))
+
+
 def inference_spec(model_size, model_dir, models_dir, n_new, threads):
     """What every engine runs: the model's folder (built with random weights if model_dir is None), the copies the
     other engines load, the prompts -> spec."""
     if model_dir is None:
-        if model_size not in SIZES:
-            sys.exit(f"error: unknown model size {model_size!r}: choose one of {', '.join(SIZES)}")
         model_dir = Path(models_dir) / model_size
         if not (model_dir / "model.safetensors").is_file():  # written last: a half-built folder is built again
             note(f"building {model_dir} with random weights (once)")

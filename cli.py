@@ -140,6 +140,8 @@ def number(text):  # a finite float: nan and inf are never a setting
     return value
 
 
+MAX_FLAGS_LISTED = 8  # an unknown flag's hint lists a command's flags if it has no more than this
+
 VALUE_READERS = {int: whole_number, float: number, str: str}
 METAVARS = {int: "INT", float: "NUMBER", str: "TEXT"}
 
@@ -166,7 +168,13 @@ def unknown_argument(parser, extra):  # what to say of the first argument the pa
         return f"{typed} came after --, which makes every argument after it text: put the flags before --"
     matches = [flag for flag in parser.flags if flag.startswith("--" + typed.lstrip("-"))]
     matches = matches or difflib.get_close_matches(typed, parser.flags, n=2)
-    hint = f"did you mean {' or '.join(matches)}?" if matches else "put a text that begins with - after --"
+    flags = [flag for flag in parser.flags if flag.startswith("--") and flag != "--help"]
+    if matches:
+        hint = f"did you mean {' or '.join(matches)}?"
+    elif len(flags) <= MAX_FLAGS_LISTED:
+        hint = f"{parser.prog} takes {', '.join(flags)}; a text that begins with - goes after --"
+    else:
+        hint = "a text that begins with - goes after --"
     return f"unknown flag {typed} ({hint})"
 
 

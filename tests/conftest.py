@@ -8,6 +8,7 @@ import functools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,13 @@ def run_script(script, *args, stdin=None, env=None):
     )
     result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode(errors="backslashreplace")
     return result
+
+
+def default_sigint():
+    """preexec_fn for a child the test will send Ctrl-C: SIGINT back to its default action. A suite started with
+    SIGINT ignored (as `cmd &` is in a non-interactive shell) passes that on to its children, and a Python started
+    so rightly keeps ignoring it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def assert_clean_error(result, *words):

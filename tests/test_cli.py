@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 import gpt2
 import gpt2_pico
-from conftest import OFFLINE, ROOT, assert_clean_error, run_script as run
+from conftest import OFFLINE, ROOT, assert_clean_error, default_sigint, run_script as run
 from utils import load_encoder_hparams_and_params, save_hf_folder
 
 TURING = "Alan Turing theorized that computers would one day become"
@@ -60,6 +60,12 @@ def test_empty_prompt_generates_from_endoftext(script, models_dir, model):
 def test_zero_tokens_prints_an_empty_line(script, models_dir):
     result = run(script, TURING, "--n_tokens_to_generate", 0, "--models_dir", models_dir)
     assert (result.returncode, result.stdout) == (0, "\n")
+
+
+def test_a_flag_the_pico_version_lacks_is_answered_with_the_flags_it_has(models_dir):
+    result = run("gpt2_pico.py", "Hello", "--temperature", "0.5", "--models_dir", models_dir)
+    assert result.returncode == 2
+    assert_clean_error(result, "--temperature", "--n_tokens_to_generate, --model_size, --models_dir")
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -167,7 +173,7 @@ def test_ctrl_c_keeps_what_was_printed_and_exits_130(models_dir):
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "gpt2.py"), TURING, "--n_tokens_to_generate", str(10**6), "--ignore_endoftext",
          "--models_dir", str(models_dir)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=OFFLINE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=OFFLINE, preexec_fn=default_sigint,
     )
     first = process.stdout.read1(1)  # blocks until generation is under way
     process.send_signal(signal.SIGINT)

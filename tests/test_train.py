@@ -18,7 +18,7 @@ import gpt2
 import train
 import train_state
 from backward import loss_and_grads
-from conftest import OFFLINE, ROOT, TINY_RUN, assert_clean_error, run_script
+from conftest import OFFLINE, ROOT, TINY_RUN, assert_clean_error, default_sigint, run_script
 from params import leaves, tree_map
 from errors import GPT2Error
 from utils import load_encoder_hparams_and_params
@@ -69,7 +69,8 @@ def test_ctrl_c_saves_exits_130_and_the_run_resumes_exactly(tmp_path, training_t
     out_dir = tmp_path / "interrupted"
     process = subprocess.Popen([sys.executable, str(ROOT / "train.py"),
                                 *map(str, tiny_run_args(training_text, out_dir, max_iters=100_000))],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=OFFLINE)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=OFFLINE,
+                               preexec_fn=default_sigint)
     deadline = time.monotonic() + 120
     while len(losses(out_dir) if (out_dir / "log.jsonl").exists() else []) < 3 and time.monotonic() < deadline:
         time.sleep(0.05)
