@@ -4,9 +4,13 @@ The model functions are pure and follow the checkpoint's own names (wte, wpe, c_
 Generation keeps a key/value cache so each new token costs one pass of a single position.
 """
 import codecs
+import contextlib
 import inspect
+import itertools
 import json
 import math
+import os
+import stat
 import sys
 import time
 import warnings
@@ -16,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from errors import GPT2Error, GPT2Warning
+from prepare import encode_pieces, read_utf8
 from threads import set_blas_threads
 from utils import check_model_choice, load_encoder_hparams_and_params
 
@@ -386,6 +391,23 @@ def stream_text(ids, encoder, stop=()):  # iterator of token ids -> iterator of 
     yield pending + utf8.decode(b"", final=True)
 
 
+# Every control character but newline and tab, written as Python writes it in a string (ESC is \x1b): the C0
+# controls, DEL and the C1 controls U+0080-U+009F, which terminals obey as well
+CONTROL_ESCAPES = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0)) if chr(code) not in "\n\t"}
+
+
+def escape_controls(text):  # text with each control character but newline and tab shown as its escape: \x1b
+    return text.translate(CONTROL_ESCAPES)
+
+
+def write_out(text, flush=False):  # text to stdout: exactly as it is, but escaped by escape_controls on a terminal
+    # A terminal obeys the control characters in a text (ESC starts sequences that recolour, move the cursor or
+    # retitle the window); a pipe or a file gets the text byte for byte
+    sys.stdout.write(escape_controls(text) if sys.stdout.isatty() else text)
+    if flush:
+        sys.stdout.flush()
+
+
 def target_logprobs(x, targets, wte, chunk=256):  # [n, n_embd], [n] -> [n] log p(target) under softmax(x @ wte.T)
     # Each row needs only its target's logit and the log of its sum of exponentials, in float32 as the logits are:
     # a float64 log-softmax over the whole vocabulary would cost more than the model. Rows go a block at a time,
@@ -402,27 +424,63 @@ def target_logprobs(x, targets, wte, chunk=256):  # [n, n_embd], [n] -> [n] log 
     return np.concatenate(logprobs)
 
 
-def score_windows(ids, params, n_head):  # [n_seq] -> iterator of [n_new] log-probabilities, one array per window
-    # Texts longer than the context are scored in windows that advance by half a context, as in Hugging Face's
-    # perplexity guide: each token is scored once, with at least half a context before it (after the first window)
+READ_BYTES = 1 << 16  # how much of a text to score is read at a time: 64 KiB take the tokenizer milliseconds
+# The most characters encoded together where the text offers nowhere to cut (prepare.encode_pieces): far more than a
+# word or a line has, and few enough that memory stays bounded on one endless run of symbols, such as /dev/zero's NULs
+MAX_UNCUT_CHARS = 1 << 16
+
+
+def score_window(window, n_old, params, n_head):
+    # [n_seq] ids, of which the first n_old are already scored (or the text's first) -> [n_new] ids and their
+    # log-probabilities, n_new = n_seq - n_old
+    window = np.asarray(window)
+    n_seq = len(window) - 1
+    x = hidden_states(window[:-1], np.arange(n_seq), causal_mask(n_seq, n_seq), **params, n_head=n_head)
+    logprobs = target_logprobs(x[n_old - 1 :], window[n_old:], params["wte"])  # the vocabulary only where scored
+    check_finite(logprobs)
+    return window[n_old:], logprobs
+
+
+def score_stream(id_chunks, params, n_head):
+    # iterable of lists of ids, the text's in order -> iterator of ([n_new] ids, [n_new] log-probabilities), one pair
+    # per window. Texts longer than the context are scored in windows that advance by half a context, as in Hugging
+    # Face's perplexity guide: each token is scored once, with at least half a context before it (after the first
+    # window). Each window is scored as soon as its ids have arrived: memory holds two windows' ids, not the text's
     n_ctx = params["wpe"].shape[0]
-    if len(ids) < 2:
-        raise GPT2Error(f"scoring needs a text of at least 2 tokens, got {len(ids)}")
-    scored_to = 0
-    for begin in range(0, len(ids), n_ctx // 2):
-        window = np.asarray(ids[begin : begin + n_ctx])
-        n_new, n_seq = begin + len(window) - max(scored_to, 1), len(window) - 1  # n_new: tokens no window scored yet
-        x = hidden_states(window[:-1], np.arange(n_seq), causal_mask(n_seq, n_seq), **params, n_head=n_head)
-        logprobs = target_logprobs(x[-n_new:], window[-n_new:], params["wte"])  # the vocabulary only where scored
-        check_finite(logprobs)
+    stride = n_ctx // 2
+    window, n_old, n_windows = [], 1, 0  # the ids from the window's first on, of which n_old are scored already
+    for chunk in id_chunks:
+        for begin in range(0, len(chunk), n_ctx):
+            window.extend(chunk[begin : begin + n_ctx])
+            while len(window) >= n_ctx:
+                yield score_window(window[:n_ctx], n_old, params, n_head)
+                del window[:stride]
+                n_old, n_windows = n_ctx - stride, n_windows + 1
+    if len(window) > n_old:
+        yield score_window(window, n_old, params, n_head)
+    elif not n_windows:
+        raise GPT2Error(f"scoring needs a text of at least 2 tokens, got {len(window)}")
+
+
+def score_windows(ids, params, n_head):  # [n_seq] -> iterator of [n_new] log-probabilities, one array per window
+    for _, logprobs in score_stream([ids], params, n_head):
         yield logprobs
-        scored_to = begin + len(window)
-        if scored_to == len(ids):
-            return
 
 
 def score(ids, params, n_head):  # [n_seq] -> [n_seq - 1] log-probability of each token after the first
     return np.concatenate(list(score_windows(ids, params, n_head)))
+
+
+def score_text(file, path, encoder, params, n_head, read_bytes=READ_BYTES, bar=None, translate_newlines=True):
+    """The log-probabilities of the UTF-8 text in a binary file, read read_bytes at a time and scored as it arrives
+    -> iterator of ([n_new] ids, [n_new] log-probabilities), one pair per window (see score_stream).
+
+    The ids are exactly those of encoder.encode(the whole text), except around where a stretch of more than
+    MAX_UNCUT_CHARS characters with nowhere to cut (one endless pre-token) had to be cut. bar: a progress bar to
+    advance by the bytes read. translate_newlines: \\r\\n and \\r are read as \\n, as Python's text files read them.
+    """
+    pieces = read_utf8(file, path, read_bytes, bar, translate_newlines)
+    return score_stream(encode_pieces(pieces, encoder, MAX_UNCUT_CHARS), params, n_head)
 
 
 def open_text(path):  # a file to read text from, standard input for "-", None for None
@@ -436,25 +494,60 @@ def open_text(path):  # a file to read text from, standard input for "-", None f
         raise GPT2Error(f"cannot read {path}: {e.strerror}") from None
 
 
-def read_text(file, path, max_chars=-1):  # the text of a file from open_text, and close it; at most max_chars + 1
+def file_size(file):  # the bytes of a regular file; None for a pipe, a terminal or a device, which have no size
+    status = os.fstat(file.fileno())
+    return status.st_size if stat.S_ISREG(status.st_mode) else None
+
+
+@contextlib.contextmanager
+def reading(path):  # what goes wrong reading the file at path, as a GPT2Error that names it
     try:
-        with file:
-            return file.read(max_chars + 1 if max_chars >= 0 else -1)
+        yield
     except (OSError, UnicodeDecodeError) as e:
         raise GPT2Error(f"cannot read {path}: {e}") from None
 
 
-def read_prompt(file, path, encoder, hparams):  # the prompt in a file, refused after a bounded read if it can't fit
+def read_text(file, path, max_chars=-1):  # the text of a file from open_text, and close it; at most max_chars + 1
+    with file, reading(path):
+        return file.read(max_chars + 1 if max_chars >= 0 else -1)
+
+
+def max_prompt_chars(encoder, n_ctx):  # the most characters a prompt that fits the context can have
     # n_ctx tokens hold at most n_ctx times the longest token's bytes, and a character is at least one byte
     # (a token's string in the vocabulary has one character per byte)
+    return n_ctx * max(len(token) for token in encoder.encoder)
+
+
+def read_prompt(file, path, encoder, hparams):  # the prompt in a file, refused after a bounded read if it can't fit
     n_ctx = hparams["n_ctx"]
-    max_chars = n_ctx * max(len(token) for token in encoder.encoder)
+    max_chars = max_prompt_chars(encoder, n_ctx)
     text = read_text(file, path, max_chars)
     if len(text) > max_chars:
         raise GPT2Error(f"prompt_file {path} holds more than {max_chars} characters, more than this model's context "
                         f"of {n_ctx} tokens can hold: shorten it (score_file scores a text of any length)",
                         arguments=("prompt_file", "score_file"))
     return text
+
+
+def read_prompts(file, path, encoder, hparams):
+    """The prompts in a file from open_text, one per line as str.splitlines splits a text -> iterator of prompts.
+
+    Each line is read with a bound: one no context could hold (/dev/zero is one endless line) is refused after
+    reading max_prompt_chars characters of it, naming its line number (lines end at newlines).
+    """
+    n_ctx = hparams["n_ctx"]
+    max_chars = max_prompt_chars(encoder, n_ctx)
+    with file:
+        for number in itertools.count(1):
+            with reading(path):
+                line = file.readline(max_chars + 1)
+            if len(line) > max_chars and not line.endswith("\n"):
+                raise GPT2Error(f"line {number} of prompts_file {path} holds more than {max_chars} characters, more "
+                                f"than this model's context of {n_ctx} tokens can hold: shorten that line",
+                                arguments=("prompts_file",))
+            if not line:
+                return
+            yield from line.splitlines()  # \f, \x1c to \x1e, U+0085, U+2028 and U+2029 end a prompt too
 
 
 def unescape(text, argument):  # text with the escapes of a Python string literal read: \n, \t, \\, \x41, \u00e9
@@ -523,8 +616,8 @@ def main(prompt: str = "", /, n_tokens_to_generate=40, model_size: str | None = 
         num_samples: sample this many completions of the prompt, the i-th with seed + i; prints JSON lines.
         echo: print the prompt before the continuation.
         prompt_file: read the prompt from this file ("-" for standard input).
-        prompts_file: generate for each line of this file as one batch; prints JSON lines.
-        score_file: print the mean negative log-likelihood and perplexity of this file's text.
+        prompts_file: generate for each line of this file, in batches of 8; prints each batch's JSON lines when done.
+        score_file: print the mean negative log-likelihood and perplexity of this file's text, of any length.
         per_token: with score_file, first print each token's log-probability.
         threads: how many threads NumPy's BLAS uses (default: one per core).
         verbose: end with a line on stderr: prompt and new tokens, and tokens/s for prefill and decode.
@@ -540,10 +633,10 @@ def main(prompt: str = "", /, n_tokens_to_generate=40, model_size: str | None = 
                    endoftext_id=model[0].encoder.get("<|endoftext|>"))
     times = dict(prefill_s=0.0, decode_s=0.0, decode_tokens=0, new_tokens=0)
     if score_file is not None:
-        n_prompt = print_scores(model, read_text(text_file, score_file), per_token, times)
+        n_prompt = print_scores(model, text_file, score_file, per_token, times)
     elif prompts_file is not None:
-        prompts = read_text(text_file, prompts_file).splitlines()
-        n_prompt = print_batch(model, prompts, n_tokens_to_generate, stop, options, times)
+        prompts = read_prompts(text_file, prompts_file, *model[:2])
+        n_prompt = print_batches(model, prompts, n_tokens_to_generate, stop, options, times)
     else:
         text = prompt if prompt_file is None else read_prompt(text_file, prompt_file, *model[:2])
         n_prompt = print_samples(model, text, n_tokens_to_generate, stop, num_samples, echo, options, times)
@@ -588,22 +681,44 @@ def warn_unused(arguments, changed):  # a warning for each argument that the oth
         warn_no_effect(["echo"], "where the output is JSON lines, which hold the prompt already")
 
 
-def print_scores(model, text, per_token, times):  # -> the number of tokens read
+def print_scores(model, file, path, per_token, times):  # -> the number of tokens read
+    # the text of file, from open_text, scored as it is read: a per_token line as soon as its window is scored
     encoder, hparams, params = model
-    ids = encoder.encode(text)
-    started, windows = time.perf_counter(), []
-    with progress(total=max(len(ids) - 1, 0), desc="scoring", unit="token") as bar:
-        for logprobs in score_windows(ids, params, hparams["n_head"]):
-            windows.append(logprobs)
-            bar.update(len(logprobs))
+    started, n_scored, logprob_sum = time.perf_counter(), 0, 0.0
+    with file, progress(total=file_size(file), desc="scoring", unit="B", unit_scale=True) as bar:
+        # newlines as file itself reads them: a file open_text opened translates \r\n and \r, standard input does not
+        scored = score_text(file.buffer, path, encoder, params, hparams["n_head"], bar=bar,
+                            translate_newlines=file is not sys.stdin)
+        for ids, logprobs in scored:
+            if per_token:
+                write_out("".join(f"{json.dumps(encoder.decode([next_id]), ensure_ascii=False)}\t{logprob:.6f}\n"
+                                  for next_id, logprob in zip(ids, logprobs)), flush=True)
+            n_scored += len(logprobs)
+            logprob_sum += float(np.sum(logprobs))
     times["prefill_s"] = time.perf_counter() - started
-    logprobs = np.concatenate(windows)
-    if per_token:
-        for next_id, logprob in zip(ids[1:], logprobs):
-            print(f"{json.dumps(encoder.decode([next_id]), ensure_ascii=False)}\t{logprob:.6f}")
-    nll = -float(np.mean(logprobs))
-    print(f"tokens scored: {len(logprobs)}\nmean NLL: {nll:.6f}\nperplexity: {np.exp(nll):.6f}")
-    return len(ids)
+    nll = -logprob_sum / n_scored
+    write_out(f"tokens scored: {n_scored}\nmean NLL: {nll:.6f}\nperplexity: {np.exp(nll):.6f}\n")
+    return n_scored + 1
+
+
+# Prompts are generated BATCH_ROWS at a time. A batch of 8 decodes 2.5 times as many tokens a second as one prompt at
+# 124M (docs/benchmarks.md), and the matrix products bound it: 8 rows take 3 times one row's time, so more rows would
+# add little speed, while each row adds its key/value cache (75 MB at 124M and a full context, 630 MB at 1558M) and
+# a batch's lines wait for its slowest row
+BATCH_ROWS = 8
+
+
+def print_batches(model, prompts, n_tokens_to_generate, stop, options, times):  # -> the number of prompt tokens
+    # the JSON lines of BATCH_ROWS prompts at a time, in order, each batch's as soon as it is done; the k-th batch
+    # (from 0) is sampled with seed + k, as --num_samples seeds its samples
+    prompts, seed, n_prompt = iter(prompts), options["seed"], 0
+    for k, batch in enumerate(iter(lambda: list(itertools.islice(prompts, BATCH_ROWS)), [])):
+        batch_seed = seed if seed is None or seed < 0 else seed + k
+        n_prompt += print_batch(model, batch, n_tokens_to_generate, stop, options | {"seed": batch_seed}, times)
+    if not n_prompt:
+        raise GPT2Error("prompts_file holds no prompts to generate for: give one prompt per line",
+                        arguments=("prompts_file",))
+    return n_prompt
 
 
 def print_batch(model, prompts, n_tokens_to_generate, stop, options, times):  # -> the number of prompt tokens
@@ -612,11 +727,11 @@ def print_batch(model, prompts, n_tokens_to_generate, stop, options, times):  # 
     steps = generate_batch_stream(batch, params, hparams["n_head"], n_tokens_to_generate, **options)
     steps = progress(timed(steps, times, len(batch)), total=n_tokens_to_generate, desc="generating", unit="step")
     end_id = endoftext(options["endoftext_id"], hparams["n_vocab"]) if options["stop_at_endoftext"] else None
+    new_tokens_before = times["new_tokens"]
     outputs = batch_rows(steps, len(batch), end_id)
-    times["new_tokens"] = sum(len(ids) for ids in outputs)  # not the steps of rows that had ended
-    for prompt, ids in zip(prompts, outputs):
-        completion = "".join(stream_text(ids, encoder, stop))
-        print(json.dumps({"prompt": prompt, "completion": completion}, ensure_ascii=False))
+    times["new_tokens"] = new_tokens_before + sum(len(ids) for ids in outputs)  # not the steps of rows that had ended
+    write_out("".join(json.dumps({"prompt": prompt, "completion": "".join(stream_text(ids, encoder, stop))},
+                                 ensure_ascii=False) + "\n" for prompt, ids in zip(prompts, outputs)), flush=True)
     return sum(max(len(ids), 1) for ids in batch)
 
 
@@ -627,18 +742,18 @@ def print_samples(model, prompt, n_tokens_to_generate, stop, num_samples, echo, 
     ids = encoder.encode(prompt)
     if num_samples == 1:
         if echo:
-            sys.stdout.write(prompt)
+            write_out(prompt)
         new_ids = timed(generate_stream(ids, params, hparams["n_head"], n_tokens_to_generate, **options), times)
         for piece in stream_text(new_ids, encoder, stop):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        print()
+            write_out(piece, flush=True)
+        write_out("\n")
         return max(len(ids), 1)
     first_seed = options["seed"] if options["seed"] >= 0 else int(np.random.default_rng().integers(2**31))
     for seed in progress(range(first_seed, first_seed + num_samples), desc="sampling", unit="sample"):
         new_ids = generate_stream(ids, params, hparams["n_head"], n_tokens_to_generate, **(options | {"seed": seed}))
         completion = "".join(stream_text(timed(new_ids, times), encoder, stop))
-        print(json.dumps({"prompt": prompt, "seed": seed, "completion": completion}, ensure_ascii=False), flush=True)
+        write_out(json.dumps({"prompt": prompt, "seed": seed, "completion": completion}, ensure_ascii=False) + "\n",
+                  flush=True)
     return num_samples * max(len(ids), 1)
 
 

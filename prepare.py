@@ -6,6 +6,7 @@ text at once. The last 10 % of the ids are held out for validation.
 """
 import codecs
 import hashlib
+import io
 import json
 import os
 import sys
@@ -64,29 +65,15 @@ def encode_file(text_path, encoder, tokens_path, read_bytes=READ_BYTES):
     if size == 0:
         raise GPT2Error(f"{text_path} is empty: give a text to train on")
     temporary = tokens_path.with_name(f"{tokens_path.name}.part")  # a fixed name: a killed run's is overwritten
-    utf8 = codecs.getincrementaldecoder("utf-8")()
-    n_tokens, n_read, pending = 0, 0, ""
+    n_tokens = 0
     try:
         with (open(text_path, "rb") as source, open(temporary, "wb") as sink,
               tqdm(total=size, desc=f"encoding {text_path.name}", unit="B", unit_scale=True, file=sys.stderr,
                    disable=None) as bar):  # disable=None: a bar on a terminal only
-
-            def write(text):
-                nonlocal n_tokens
-                ids = np.array(encoder.encode(text), dtype=np.uint16)
+            for ids in encode_pieces(read_utf8(source, text_path, read_bytes, bar), encoder):
+                ids = np.array(ids, dtype=np.uint16)
                 ids.tofile(sink)
                 n_tokens += len(ids)
-
-            while piece := source.read(read_bytes):
-                n_old = len(pending)
-                pending += decode_utf8(utf8, piece, n_read, text_path)
-                n_read += len(piece)
-                # a cut can only have appeared where this piece begins or in it: the text before had none
-                cut = last_safe_cut(pending, n_old)
-                write(pending[:cut])
-                pending = pending[cut:]
-                bar.update(len(piece))
-            write(pending + decode_utf8(utf8, b"", n_read, text_path))  # b"": a character left unfinished is an error
         os.replace(temporary, tokens_path)
     except OSError as e:
         raise GPT2Error(f"cannot encode {text_path} into {tokens_path} ({e.strerror})") from None
@@ -94,6 +81,53 @@ def encode_file(text_path, encoder, tokens_path, read_bytes=READ_BYTES):
         if temporary.exists():
             temporary.unlink()
     return n_tokens
+
+
+def read_utf8(source, text_path, read_bytes=READ_BYTES, bar=None, translate_newlines=False):
+    """The UTF-8 text of the binary file source, read_bytes at a time -> iterator of pieces of text.
+
+    bar: a progress bar to advance by the bytes of each piece once it has been used. translate_newlines: \\r\\n
+    and \\r become \\n, as Python's text files read them.
+    """
+    utf8 = codecs.getincrementaldecoder("utf-8")()
+    if translate_newlines:
+        utf8 = io.IncrementalNewlineDecoder(utf8, translate=True)
+    n_read = 0
+    while piece := read_piece(source, read_bytes, text_path):
+        yield decode_utf8(utf8, piece, n_read, text_path)
+        n_read += len(piece)
+        if bar is not None:
+            bar.update(len(piece))
+    yield decode_utf8(utf8, b"", n_read, text_path)  # b"": a character left unfinished is an error
+
+
+def read_piece(source, n_bytes, text_path):  # the next n_bytes (fewer at the end) of source, a binary file
+    try:
+        return source.read(n_bytes)
+    except OSError as e:
+        raise GPT2Error(f"cannot read {text_path} ({e.strerror})") from None
+
+
+def encode_pieces(pieces, encoder, max_uncut=None):
+    """The ids of the text that pieces of text make up -> iterator of lists of ids, which joined are exactly
+    encoder.encode of the whole text.
+
+    The text is encoded a chunk at a time, cut only where last_safe_cut allows: memory holds a piece plus the
+    longest stretch with nowhere to cut (a run of letters, say), never the whole text. max_uncut bounds that
+    stretch too, for a text that may never offer a cut (/dev/zero is one endless run of NULs): a stretch longer
+    than max_uncut characters is encoded as it stands, and only there may the ids differ from the whole text's.
+    """
+    pending = ""
+    for piece in pieces:
+        n_old = len(pending)
+        pending += piece
+        # a cut can only have appeared where this piece begins or in it: the text before had none
+        cut = last_safe_cut(pending, n_old)
+        if not cut and max_uncut is not None and len(pending) > max_uncut:
+            cut = len(pending)
+        yield encoder.encode(pending[:cut])
+        pending = pending[cut:]
+    yield encoder.encode(pending)
 
 
 def decode_utf8(utf8, piece, offset, text_path):

@@ -139,8 +139,7 @@ def train(out_dir, model, optimizer, rng, tokens, flags, saved_step):
                 report = evaluate(params, n_head, tokens, flags)
                 stop_unless_finite(report, step, saved_step, out_dir)
                 report["sample"] = sample(params, n_head, encoder, flags["sample_tokens"], flags["seed"], step)
-                say(f"step {step}: train loss {report['train_loss']:.4f}, val loss {report['val_loss']:.4f}\n"
-                    f"{report['sample']}")
+                say(evaluation_lines(step, report))
                 write_log(log, {"step": step} | report)
                 if step > 0 and step != saved_step:
                     save_checkpoint(out_dir, hparams, params, encoder, optimizer, rng, flags)
@@ -279,6 +278,13 @@ def sample(params, n_head, encoder, n_tokens, seed, step):  # -> a few lines of 
                         top_k=min(200, len(encoder.encoder)), seed=seed + step,
                         endoftext_id=encoder.encoder.get("<|endoftext|>"))
     return encoder.decode(ids)
+
+
+def evaluation_lines(step, report):  # -> what an evaluation prints: the losses, then the sample
+    # The sample is whatever the model makes, control characters included (ESC would restyle the terminal, or
+    # whoever reads the output later): shown escaped, as gpt2.py shows text on a terminal; log.jsonl keeps it exact
+    return (f"step {step}: train loss {report['train_loss']:.4f}, val loss {report['val_loss']:.4f}\n"
+            f"{gpt2.escape_controls(report['sample'])}")
 
 
 def say(text):  # to stdout, between the progress bar's updates, at once even into a pipe

@@ -9,12 +9,15 @@ import json
 import os
 import pty
 import re
+import resource
 import shutil
 import signal
 import struct
 import subprocess
 import sys
 import termios
+import tty
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -396,14 +399,16 @@ def test_threads_sets_the_thread_count_of_the_blas_numpy_loaded(n_threads, model
     assert json.loads(result.stdout.splitlines()[-1]) == [n_threads]
 
 
-def run_with_stderr_on_a_terminal(*args):
-    """Run gpt2.py with stderr on a pseudo-terminal, as in an interactive shell -> (stdout, stderr)."""
-    terminal, stderr_end = pty.openpty()
-    fcntl.ioctl(stderr_end, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 24 x 100, as a terminal has
-    process = subprocess.Popen([sys.executable, str(ROOT / "gpt2.py"), *map(str, args)], stdout=subprocess.PIPE,
-                               stderr=stderr_end, env=OFFLINE)
-    os.close(stderr_end)
-    stderr = b""
+def run_with_a_terminal(*args, on="stderr"):
+    """Run gpt2.py with stderr (or stdout) on a pseudo-terminal, as in an interactive shell, and the other stream on a
+    pipe -> (stdout, stderr). The terminal is raw: what the program writes arrives unchanged (no \\r before \\n)."""
+    terminal, program_end = pty.openpty()
+    fcntl.ioctl(program_end, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 24 x 100, as a terminal has
+    tty.setraw(program_end)
+    streams = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, on: program_end}
+    process = subprocess.Popen([sys.executable, str(ROOT / "gpt2.py"), *map(str, args)], **streams, env=OFFLINE)
+    os.close(program_end)
+    shown = b""
     while True:
         try:
             chunk = os.read(terminal, 4096)
@@ -411,11 +416,12 @@ def run_with_stderr_on_a_terminal(*args):
             break
         if not chunk:
             break
-        stderr += chunk
+        shown += chunk
     os.close(terminal)
-    stdout = process.stdout.read()
-    assert process.wait(timeout=60) == 0, stderr
-    return stdout.decode(), stderr.decode(errors="replace")
+    piped = (process.stderr if on == "stdout" else process.stdout).read()
+    assert process.wait(timeout=60) == 0, shown + piped
+    shown, piped = shown.decode(errors="replace"), piped.decode(errors="replace")
+    return (shown, piped) if on == "stdout" else (piped, shown)
 
 
 @pytest.mark.parametrize("flag, name, label", [("--score_file", "text.txt", "scoring"),
@@ -425,7 +431,7 @@ def test_scoring_and_batches_show_a_bar_on_a_terminal_and_stdout_stays_clean(fla
                                  "Hello\nThe quick brown fox\n", encoding="utf-8")
     args = (flag, tmp_path / name, "--models_dir", models_dir) + (("--n_tokens_to_generate", 5) if label == "generating"
                                                                    else ())
-    stdout, stderr = run_with_stderr_on_a_terminal(*args)
+    stdout, stderr = run_with_a_terminal(*args)
     assert label in stderr and "%|" in stderr  # tqdm's bar
     piped = run("gpt2.py", *args)
     assert stdout == piped.stdout and piped.stderr == ""  # no bar when stderr is not a terminal
@@ -472,3 +478,94 @@ run_cli(main)
     assert_clean_error(run(toy, "--max_iters", "1e3"), "--max_iters", "whole number")
     assert_clean_error(run(toy, "--learning_rate", "inf"), "--learning_rate")
     assert_clean_error(run(toy, "--n_lay", 3), "--n_lay", "--n_layer")
+
+
+# --- inputs of any size, in bounded memory ------------------------------------------------------------------------
+
+ADDRESS_SPACE_LIMIT = 4 << 30  # bytes: reading /dev/zero whole would pass it within seconds
+
+
+def start_under_an_address_space_limit(*args):
+    """Start gpt2.py with its address space limited to 4 GB, so that reading a file whole fails fast, and SIGINT's
+    default disposition (Python makes it KeyboardInterrupt however the suite was launched) -> the process, its
+    stdout and stderr on pipes. Skips the test where the limit cannot be set."""
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY and hard < ADDRESS_SPACE_LIMIT:
+        pytest.skip(f"the address space is already limited to {hard} bytes")
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE_LIMIT, hard))
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    try:
+        return subprocess.Popen([sys.executable, str(ROOT / "gpt2.py"), *map(str, args)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=OFFLINE, preexec_fn=limit)
+    except (subprocess.SubprocessError, OSError) as e:
+        pytest.skip(f"cannot limit the address space: {e}")
+
+
+def test_score_file_scores_dev_zero_as_it_reads_in_bounded_memory_until_stopped(models_dir):
+    # /dev/zero is an endless run of NULs, valid UTF-8 with nowhere a cut between pre-tokens would be exact
+    process = start_under_an_address_space_limit("--score_file", "/dev/zero", "--per_token", "--models_dir",
+                                                 models_dir)
+    try:
+        lines = [process.stdout.readline() for _ in range(2000)]  # 2000 tokens: windows scored as the text arrives
+        peak_kib = int(re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{process.pid}/status").read_text())[1])
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert all(re.fullmatch(rb'"\\u0000"\t-?\d+\.\d{6}\n', line) for line in lines), lines[-1]
+    assert (process.returncode, stderr) == (130, b"")  # stopped by Ctrl-C, not by a MemoryError or a traceback
+    assert peak_kib < 500 * 1024  # the process's peak resident memory: about 100 MB with the fixture model
+
+
+def test_prompts_file_dev_zero_is_refused_after_a_bounded_read(models_dir):
+    process = start_under_an_address_space_limit("--prompts_file", "/dev/zero", "--models_dir", models_dir)
+    stdout, stderr = process.communicate(timeout=120)
+    result = subprocess.CompletedProcess(process.args, process.returncode, stdout.decode(), stderr.decode())
+    assert_clean_error(result, "line 1 of --prompts_file /dev/zero", "32 tokens", "shorten that line")
+    assert result.stdout == ""
+
+
+def test_prompts_file_of_several_batches_prints_each_batch_as_the_api_generates_it(models_dir, model, tmp_path):
+    # 8 rows to a batch: rows 0-7 are one batch, sampled with the seed, and rows 8-10 the next, with seed + 1
+    encoder, hparams, params = model
+    prompts = [f"Prompt number {i} says" for i in range(11)]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    result = run("gpt2.py", "--prompts_file", tmp_path / "prompts.txt", "--n_tokens_to_generate", 6, "--temperature",
+                 1, "--seed", 9, "--models_dir", models_dir)
+    assert result.returncode == 0, result.stderr
+    expected = []
+    for seed, batch in ((9, prompts[:8]), (10, prompts[8:])):
+        new_ids = gpt2.generate_batch([encoder.encode(p) for p in batch], params, hparams["n_head"], 6,
+                                      temperature=1.0, seed=seed, endoftext_id=encoder.encoder["<|endoftext|>"])
+        expected += [{"prompt": p, "completion": encoder.decode(ids)} for p, ids in zip(batch, new_ids)]
+    assert [json.loads(line) for line in result.stdout.splitlines()] == expected
+
+
+def test_a_prompts_file_line_no_context_holds_is_refused_after_the_batches_before_it_are_printed(models_dir, model,
+                                                                                                tmp_path):
+    prompts = [f"Prompt number {i} says" for i in range(8)]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n" + "word " * 1000 + "\nnever read\n",
+                                          encoding="utf-8")
+    result = run("gpt2.py", "--prompts_file", tmp_path / "prompts.txt", "--n_tokens_to_generate", 3, "--models_dir",
+                 models_dir)
+    assert_clean_error(result, f"line 9 of --prompts_file {tmp_path / 'prompts.txt'}", "4096 characters",
+                       "32 tokens")
+    assert [json.loads(line) for line in result.stdout.splitlines()] == [
+        {"prompt": p, "completion": continuation(model, p, 3)} for p in prompts]
+
+
+# Controls a terminal obeys: colour (ESC [), bell, carriage return, backspace, DEL, the C1 CSI and NEL; and the tab
+# and newline, shown as they are (23 tokens: the fixture's context holds 32)
+CONTROLS = "\x1b[31mred\x1b[0m\x07\r\x08\x7f\x9b2J\x85\tend\né"
+
+
+def test_control_characters_are_escaped_on_a_terminal_and_written_exactly_into_a_pipe(models_dir, model):
+    args = (CONTROLS, "--echo", "--n_tokens_to_generate", 5, "--models_dir", models_dir)
+    text = CONTROLS + continuation(model, CONTROLS, 5) + "\n"
+    assert run("gpt2.py", *args).stdout == text
+    shown, _ = run_with_a_terminal(*args, on="stdout")
+    assert shown == gpt2.escape_controls(text)
+    assert shown.startswith(r"\x1b[31mred\x1b[0m\x07\x0d\x08\x7f\x9b2J\x85" + "\tend\né")

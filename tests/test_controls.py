@@ -1,4 +1,7 @@
 """Sampling, streaming, stop strings and scoring: the controls beyond greedy decoding."""
+import ast
+import unicodedata
+
 import numpy as np
 import pytest
 import torch
@@ -260,3 +263,33 @@ def test_scoring_in_windows_gives_each_token_the_log_probability_of_its_own_wind
     window = ids[n_ctx // 2 :]
     alone = gpt2.score(window, params, n_head)
     np.testing.assert_allclose(gpt2.score(ids, params, n_head)[n_ctx - 1 :], alone[n_ctx // 2 - 1 :], atol=1e-6)
+
+
+# Where a careless cut would change the ids (whitespace runs, contractions, CJK, emoji joined by zero-width joiners,
+# combining marks), Windows and old Mac line ends, and characters of 2, 3 and 4 bytes for a read to split
+CHUNKED_TEXT = ("It's what they'll do,   we've seen:\r\n\r\n\t 我能吞下玻璃而不伤身体。 Family 👨‍👩‍👧‍👦 cafe\u0301 3.14159\r"
+                "x's  y'all — rock'n'roll 😀😀😀 \n") * 4
+
+
+@pytest.mark.parametrize("read_bytes", [1, 3, 7])
+def test_scoring_a_file_as_it_is_read_gives_the_log_probabilities_of_scoring_the_whole_text(loaded_model, tmp_path,
+                                                                                            read_bytes):
+    encoder, hparams, params = loaded_model("tiny")
+    (tmp_path / "text.txt").write_bytes(CHUNKED_TEXT.encode("utf-8"))
+    whole_text = (tmp_path / "text.txt").read_text(encoding="utf-8")  # with \r\n and \r read as \n, as gpt2.py does
+    ids = encoder.encode(whole_text)
+    assert len(ids) > 5 * hparams["n_ctx"]  # many windows, and a read size that cuts the text everywhere
+    with open(tmp_path / "text.txt", "rb") as file:
+        windows = list(gpt2.score_text(file, "text.txt", encoder, params, hparams["n_head"], read_bytes=read_bytes))
+    assert np.concatenate([window_ids for window_ids, _ in windows]).tolist() == ids[1:]
+    np.testing.assert_array_equal(np.concatenate([logprobs for _, logprobs in windows]),
+                                  gpt2.score(ids, params, hparams["n_head"]))
+
+
+def test_escape_controls_shows_exactly_the_control_characters_but_newline_and_tab_as_python_escapes():
+    # Unicode's own category Cc is the control characters: C0, DEL and C1
+    text = "".join(map(chr, range(0x3000)))
+    controls = {c for c in text if unicodedata.category(c) == "Cc" and c not in "\n\t"}
+    assert gpt2.escape_controls(text) == "".join(f"\\x{ord(c):02x}" if c in controls else c for c in text)
+    assert all(ast.literal_eval(f'"{gpt2.escape_controls(c)}"') == c for c in controls)  # each escape reads back
+    assert gpt2.escape_controls("\x1b[2J\x9b\x7f") == r"\x1b[2J\x9b\x7f"

@@ -122,6 +122,16 @@ def test_empty_and_missing_files_are_clear_errors(tmp_path, gpt2_encoder):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt"]
 
 
+def test_a_stretch_with_nowhere_to_cut_is_cut_at_max_uncut_so_an_endless_one_keeps_memory_bounded(gpt2_encoder,
+                                                                                               tiktoken_gpt2):
+    # NULs are one pre-token however many: nowhere between two is a cut exact, so only max_uncut bounds the stretch
+    # (and no merge joins NULs, so encoding them in stretches still gives tiktoken's ids of the whole run)
+    chunks = list(prepare.encode_pieces(["\0" * 1000] * 50, gpt2_encoder, max_uncut=4096))
+    assert max(len(ids) for ids in chunks) <= 4096 + 1000
+    assert sum(chunks, []) == tiktoken_gpt2.encode_ordinary("\0" * 50_000)
+    assert len(list(prepare.encode_pieces(["\0" * 1000] * 50, gpt2_encoder))[-1]) == 50_000  # without it, one stretch
+
+
 def test_the_last_tenth_is_validation():
     tokens = np.arange(1234, dtype=np.uint16)
     train, val = prepare.split(tokens)

@@ -2,6 +2,7 @@
 model in gpt2.py and in Hugging Face transformers, gradient accumulation, and every bad input through the CLI."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,6 +24,7 @@ from params import leaves, tree_map
 from errors import GPT2Error
 from utils import load_encoder_hparams_and_params
 
+CONTROL_CHARACTERS = r"[\x00-\x08\x0b-\x1f\x7f-\x9f]"  # but tab and newline
 STATE_FILES = ("model.safetensors", "optimizer.safetensors")
 
 
@@ -204,6 +206,23 @@ def test_fine_tuning_gpt2_saves_a_model_that_gpt2_and_transformers_load_alike(tm
     with torch.no_grad():
         expected = GPT2LMHeadModel.from_pretrained(str(out_dir)).eval()(torch.tensor([ids])).logits[0].numpy()
     assert np.abs(gpt2.gpt2(ids, **params, n_head=hparams["n_head"]) - expected).max() <= 1e-4
+
+
+def test_an_evaluation_prints_its_sample_with_control_characters_escaped():
+    report = {"train_loss": 1.5, "val_loss": 2.25, "sample": "a\x1b[2Jb\x07\r\x9b\tc\nd"}
+    assert train.evaluation_lines(3, report) == "step 3: train loss 1.5000, val loss 2.2500\na\\x1b[2Jb\\x07\\x0d\\x9b\tc\nd"
+
+
+def test_the_samples_train_prints_show_control_characters_escaped_and_the_log_keeps_them_exact(tmp_path,
+                                                                                                training_text, capsys):
+    train_in_process(training_text, tmp_path / "out", sample_tokens=64)
+    shown = capsys.readouterr().out
+    entries = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    reports = [entry for entry in entries if "sample" in entry]
+    # the barely trained byte-level model samples bytes almost at random: control characters among them
+    assert any(re.search(CONTROL_CHARACTERS, report["sample"]) for report in reports)
+    assert all(train.evaluation_lines(report["step"], report) in shown for report in reports)
+    assert not re.search(CONTROL_CHARACTERS, shown)
 
 
 @pytest.fixture(scope="module")
