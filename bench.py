@@ -21,15 +21,9 @@ import numpy as np
 from errors import GPT2Error
 from gpt2 import check, is_int, warn_no_effect
 from params import leaves
-from utils import check_model_choice, load_encoder_hparams_and_params
+from utils import SIZE_HPARAMS, check_model_choice, load_encoder_hparams_and_params
 
 EOT = 50256  # <|endoftext|> in GPT-2's vocabulary, which every size shares
-SIZES = {  # GPT-2's real shapes: speed depends on them, not on the weights' values
-    "124M": dict(n_layer=12, n_embd=768, n_head=12),
-    "355M": dict(n_layer=24, n_embd=1024, n_head=16),
-    "774M": dict(n_layer=36, n_embd=1280, n_head=20),
-    "1558M": dict(n_layer=48, n_embd=1600, n_head=25),
-}
 PROMPT_LEN, LONG_PROMPT_LEN, N_UNCACHED = 10, 512, 16
 SCORE_LEN = 1024  # one window of scoring: GPT-2's context
 BATCH_LENGTHS = (5, 6, 7, 8, 9, 10, 6, 8)  # different lengths, so padding and masks are exercised
@@ -376,7 +370,7 @@ def inference_spec(model_size, model_dir, models_dir, n_new, threads):
         model_dir = Path(models_dir) / model_size
         if not (model_dir / "model.safetensors").is_file():  # written last: a half-built folder is built again
             note(f"building {model_dir} with random weights (once)")
-            hparams = dict(SIZES[model_size], n_ctx=1024, n_vocab=50257)
+            hparams = SIZE_HPARAMS[model_size]  # speed depends on the shapes, not on the weights' values
             child("write_random", dict(model_dir=str(model_dir), hparams=hparams, threads=threads))
     model_dir = Path(model_dir)
     # transformers reads Hugging Face's layout only: an OpenAI-layout folder gets a copy in that layout
@@ -408,7 +402,7 @@ def agreement(ours, others):  # -> lines: which engines are missing, and how far
 TRAIN_SETUPS = {
     "baby GPT (4 layers, 4 heads, 128 wide, vocabulary 257), batch 12 x 64":
         (dict(n_vocab=257, n_ctx=64, n_embd=128, n_head=4, n_layer=4), 12, 64, 20),
-    "GPT-2 124M fine-tuning, batch 4 x 64": (dict(SIZES["124M"], n_vocab=50257, n_ctx=1024), 4, 64, 5),
+    "GPT-2 124M fine-tuning, batch 4 x 64": (SIZE_HPARAMS["124M"], 4, 64, 5),
 }
 TRAIN_SETTINGS = dict(learning_rate=6e-4, weight_decay=0.1, grad_clip=1.0, warmup_steps=2)
 

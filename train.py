@@ -24,12 +24,13 @@ from backward import loss, loss_and_grads
 from cli import run_cli
 from encoder import byte_level_encoder
 from errors import GPT2Error
+from memory import check_fits
 from optim import adamw_init, adamw_step, clip_grad_norm, learning_rate_at
 from params import init_params, leaves
 from prepare import prepare, split
-from train_state import (LOG, check_same_model, finish_interrupted_save, load_checkpoint, make_out_dir, open_log,
-                         refuse_to_overwrite, save_checkpoint, writable, write_log)
-from utils import MODEL_SIZES, load_encoder_hparams_and_params
+from train_state import (LOG, check_same_model, finish_interrupted_save, load_checkpoint, make_out_dir, one_run_in,
+                         open_log, refuse_to_overwrite, save_checkpoint, writable, write_log)
+from utils import MODEL_SIZES, SIZE_HPARAMS, load_encoder_hparams_and_params
 
 SCRATCH = "scratch"
 SHAPE_DEFAULTS = {"n_layer": 4, "n_head": 4, "n_embd": 128}  # main's defaults, the shape of a model from scratch
@@ -74,11 +75,13 @@ def main(data: str, out_dir="out", init_from=SCRATCH, resume=False, models_dir="
     check_flags(flags)
     data, out_dir = Path(str(data)), Path(str(out_dir))
     check_text_file(data)
-    model, optimizer, rng = resumed_run(out_dir, flags) if resume else new_run(out_dir, flags)
-    make_out_dir(out_dir)
-    tokens = training_tokens(data, model[0], out_dir, block_size)
-    say(run_summary(model, tokens, data, optimizer["step"], resume))
-    interrupted = train(out_dir, model, optimizer, rng, tokens, flags, optimizer["step"] if resume else None)
+    check_init_from(str(init_from), resume)
+    with one_run_in(out_dir):
+        model, optimizer, rng = resumed_run(out_dir, flags) if resume else new_run(out_dir, flags)
+        make_out_dir(out_dir)
+        tokens = training_tokens(data, model[0], out_dir, block_size)
+        say(run_summary(model, tokens, data, optimizer["step"], resume))
+        interrupted = train(out_dir, model, optimizer, rng, tokens, flags, optimizer["step"] if resume else None)
     how = "stopped by Ctrl-C at" if interrupted else "saved"
     say(f"{how} step {optimizer['step']} in {out_dir}: generate with python gpt2.py --model_dir {out_dir}")
     if interrupted:
@@ -87,13 +90,7 @@ def main(data: str, out_dir="out", init_from=SCRATCH, resume=False, models_dir="
 
 def new_run(out_dir, flags):  # -> ((encoder, hparams, params), optimizer, rng) of a run starting at step 0
     refuse_to_overwrite(out_dir)
-    init_from, block_size = str(flags["init_from"]), flags["block_size"]
-    encoder, hparams, params = initial_model(init_from, flags["models_dir"], flags["n_layer"], flags["n_head"],
-                                             flags["n_embd"], block_size, flags["seed"])
-    if block_size > hparams["n_ctx"]:
-        raise GPT2Error(f"block_size {block_size} is more than the {hparams['n_ctx']} positions of the context of "
-                        f"init_from {init_from}: choose a block_size of at most {hparams['n_ctx']}",
-                        arguments=("block_size", "init_from"))
+    encoder, hparams, params = initial_model(str(flags["init_from"]), flags)
     return (encoder, hparams, params), adamw_init(params), np.random.default_rng([flags["seed"], 1])
 
 
@@ -101,7 +98,21 @@ def resumed_run(out_dir, flags):  # -> ((encoder, hparams, params), optimizer, r
     finish_interrupted_save(out_dir)
     encoder, hparams, params, optimizer, rng, saved_flags = load_checkpoint(out_dir)
     check_same_model(saved_flags, flags, out_dir)
-    return (encoder, hparams, params), optimizer, rng
+    check_run_fits(hparams, flags)
+    optimizer = {"step": optimizer["step"], "m": writable(optimizer["m"]), "v": writable(optimizer["v"])}
+    return (encoder, hparams, writable(params)), optimizer, rng
+
+
+def check_run_fits(hparams, flags):
+    """A GPT2Error, before the model is copied or made, unless block_size fits its context and a training step
+    fits in memory."""
+    block_size, init_from = flags["block_size"], flags["init_from"]
+    if block_size > hparams["n_ctx"]:
+        raise GPT2Error(f"block_size {block_size} is more than the {hparams['n_ctx']} positions of the context of "
+                        f"init_from {init_from}: choose a block_size of at most {hparams['n_ctx']}",
+                        arguments=("block_size", "init_from"))
+    check_fits(hparams, flags["batch_size"], block_size, flags["gradient_accumulation_steps"],
+               shape_flags=init_from == SCRATCH)
 
 
 def training_tokens(data, encoder, out_dir, block_size):  # -> (train tokens, validation tokens) of the text
@@ -218,6 +229,14 @@ def check_flags(flags):
                                 f"own: drop {name}, or train from scratch", arguments=(name, "init_from"))
 
 
+def check_init_from(init_from, resume=False):
+    # a resumed run was made from init_from before: its folder need not be there any more
+    if not resume and init_from not in (SCRATCH, *MODEL_SIZES) and not Path(init_from).is_dir():
+        raise GPT2Error(f"init_from {init_from} is neither a GPT-2 size ({', '.join(MODEL_SIZES)}) nor a model folder "
+                        f"that exists: give a size, the folder of a model, or {SCRATCH} for a new model",
+                        arguments=("init_from",))
+
+
 def check_text_file(path):
     if not path.is_file():
         raise GPT2Error(f"{path} is not a file: give the text to train on as data", arguments=("data",))
@@ -225,18 +244,27 @@ def check_text_file(path):
         raise GPT2Error(f"{path} is empty: give a text to train on")
 
 
-def initial_model(init_from, models_dir, n_layer, n_head, n_embd, block_size, seed):
+def initial_model(init_from, flags):
     """(encoder, hparams, params) to start from: a new model with GPT-2's initialisation and the byte-level
-    tokenizer, or a model loaded as gpt2.py loads it; params are writable float32 copies."""
+    tokenizer, or a model loaded as gpt2.py loads it; params are writable float32 copies, made only once the run is
+    known to fit (check_run_fits)."""
     if init_from == SCRATCH:
         encoder = byte_level_encoder()
-        hparams = dict(n_vocab=len(encoder.encoder), n_ctx=block_size, n_embd=n_embd, n_head=n_head, n_layer=n_layer)
-        return encoder, hparams, init_params(hparams, seed)
-    if init_from in MODEL_SIZES:
-        encoder, hparams, params = load_encoder_hparams_and_params(init_from, str(models_dir), fast_layout=False)
-    else:
-        encoder, hparams, params = load_encoder_hparams_and_params(model_dir=init_from, fast_layout=False)
+        hparams = dict(n_vocab=len(encoder.encoder), n_ctx=flags["block_size"],
+                       **{name: flags[name] for name in SHAPE_DEFAULTS})
+        check_run_fits(hparams, flags)
+        return encoder, hparams, init_params(hparams, flags["seed"])
+    if init_from in MODEL_SIZES:  # checked before a download
+        check_run_fits(SIZE_HPARAMS[init_from], flags)
+    encoder, hparams, params = load_model(init_from, flags["models_dir"])
+    check_run_fits(hparams, flags)
     return encoder, hparams, writable(params)
+
+
+def load_model(init_from, models_dir):  # -> (encoder, hparams, params) of a GPT-2 size or a model folder, read-only
+    if init_from in MODEL_SIZES:
+        return load_encoder_hparams_and_params(init_from, str(models_dir), fast_layout=False)
+    return load_encoder_hparams_and_params(model_dir=init_from, fast_layout=False)
 
 
 def get_batch(tokens, batch_size, block_size, rng):  # -> inputs, targets [batch_size, block_size] from random places

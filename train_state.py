@@ -15,14 +15,16 @@ import numpy as np
 import gpt2
 from checkpoint import load_safetensors, save_safetensors
 from errors import GPT2Error
-from files import fsync, write_text_atomically
+from files import disk_space_for, fsync, lock_holder, locked, write_text_atomically
 from params import hf_name, leaves, tree_map
-from utils import load_encoder_hparams_and_params, params_from_tensors, save_hf_folder
+from utils import (SAVED, checked_once, load_encoder_hparams_and_params, params_from_tensors, read_verified_marker,
+                   save_hf_folder, write_verified_marker)
 
 MODEL_FILES = ("config.json", "vocab.json", "merges.txt", "model.safetensors")
 CHECKPOINT_FILES = (*MODEL_FILES, "optimizer.safetensors", "train_state.json")
 SAVING = ".saving"  # a checkpoint being written; one found at start was cut short by a kill, and is deleted
-SAVED = ".saved"  # a whole checkpoint being moved into out_dir; one found at start has its move finished
+# SAVED, from utils.py (whose loader tells how to finish one): a whole checkpoint being moved into out_dir; one
+# found at start has its move finished
 LOG = "log.jsonl"
 # the flags that make the model what it is: a run can only be resumed with the same ones
 MODEL_FLAGS = ("init_from", "n_layer", "n_head", "n_embd", "block_size")
@@ -41,9 +43,47 @@ def make_out_dir(out_dir):
         with tempfile.TemporaryFile(dir=out_dir):
             pass
     except OSError as e:
-        raise GPT2Error(f"cannot write in out_dir {out_dir} ({e.strerror}): give a folder you can write to",
-                        arguments=("out_dir",)) from None
+        raise cannot_write_in(out_dir, e) from None
     shutil.rmtree(out_dir / SAVING, ignore_errors=True)
+
+
+def cannot_write_in(out_dir, error):
+    return GPT2Error(f"cannot write in out_dir {out_dir} ({error.strerror}): give a folder you can write to",
+                     arguments=("out_dir",))
+
+
+@contextlib.contextmanager
+def one_run_in(out_dir):
+    """out_dir, created if needed and locked for the whole run (flock on the folder): a second run on it is refused
+    at once, naming the process that holds it, before either reads or writes anything there. A folder this run
+    created is removed if the run fails and leaves it empty."""
+    try:
+        out_dir.mkdir(parents=True)
+        created = True
+    except FileExistsError:
+        created = False
+    except OSError as e:
+        raise cannot_write_in(out_dir, e) from None
+    if not out_dir.is_dir():
+        raise GPT2Error(f"out_dir {out_dir} is a file, not a folder: give a folder", arguments=("out_dir",))
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(locked(out_dir, wait=False))
+        except BlockingIOError:
+            holder = lock_holder(out_dir)
+            raise GPT2Error(f"out_dir {out_dir} is in use by {f'process {holder}' if holder else 'another process'} "
+                            "(a training run, or prepare.py): wait for it to end, or give another out_dir",
+                            arguments=("out_dir",)) from None
+        except OSError as e:
+            raise GPT2Error(f"cannot lock out_dir {out_dir} ({e.strerror}): give a folder on a file system that has "
+                            "locks (flock)", arguments=("out_dir",)) from None
+        try:
+            yield
+        except BaseException:
+            if created:
+                with contextlib.suppress(OSError):  # only if empty
+                    out_dir.rmdir()
+            raise
 
 
 def writable(tree):  # the loader's arrays are read-only memory maps, maybe non-C-contiguous views: copy them
@@ -61,15 +101,19 @@ def save_checkpoint(out_dir, hparams, params, encoder, optimizer, rng, flags):
     """
     saving = out_dir / SAVING
     shutil.rmtree(saving, ignore_errors=True)
-    saving.mkdir()
-    save_hf_folder(saving, hparams, params, encoder)
-    moments = {f"{name}.{hf_name(path)}": array for name in ("m", "v") for path, array in leaves(optimizer[name])}
-    save_safetensors(saving / "optimizer.safetensors", moments)
-    state = {"step": optimizer["step"], "rng": rng.bit_generator.state, "flags": flags}
-    write_text_atomically(saving / "train_state.json", json.dumps(state, indent=2) + "\n")
-    for path in saving.iterdir():
-        fsync(path)  # every byte on disk before the commit
-    fsync(saving)
+    try:
+        saving.mkdir()
+        save_hf_folder(saving, hparams, params, encoder)
+        moments = {f"{name}.{hf_name(path)}": array for name in ("m", "v") for path, array in leaves(optimizer[name])}
+        save_safetensors(saving / "optimizer.safetensors", moments, crc32=True)
+        state = {"step": optimizer["step"], "rng": rng.bit_generator.state, "flags": flags}
+        write_text_atomically(saving / "train_state.json", json.dumps(state, indent=2) + "\n")
+        for path in saving.iterdir():
+            fsync(path)  # every byte on disk before the commit
+        fsync(saving)
+    except Exception:  # a full disk, say: the checkpoint before this one is still whole in out_dir
+        shutil.rmtree(saving, ignore_errors=True)
+        raise
     os.replace(saving, out_dir / SAVED)  # the commit point
     finish_interrupted_save(out_dir)
 
@@ -90,7 +134,8 @@ def finish_interrupted_save(out_dir):
 
 
 def load_checkpoint(out_dir):
-    """(encoder, hparams, params, optimizer, rng, flags) of the checkpoint in out_dir, each checked."""
+    """(encoder, hparams, params, optimizer, rng, flags) of the checkpoint in out_dir, each checked, the CRC-32s of
+    its weights and moments once per file; the arrays are read-only maps of the files (writable copies them)."""
     missing = [name for name in CHECKPOINT_FILES if not (out_dir / name).is_file()]
     if len(missing) == len(CHECKPOINT_FILES):
         raise GPT2Error(f"{out_dir} holds no checkpoint to continue: run without resume to start training",
@@ -99,6 +144,11 @@ def load_checkpoint(out_dir):
     fix_names = ("resume", "out_dir")
     if missing:
         raise GPT2Error(f"the checkpoint in {out_dir} lacks {', '.join(missing)}: {fix}", arguments=fix_names)
+    verified = read_verified_marker(out_dir)
+    restore = "restore it from a copy, or run without resume to start again in another out_dir"
+    for name, key in (("model.safetensors", "checkpoint"), ("optimizer.safetensors", "optimizer")):
+        verified = checked_once(out_dir / name, verified, key, restore, fix_names)
+    write_verified_marker(out_dir, verified)  # both passed: the loader below finds the weights vouched for
     encoder, hparams, params = load_encoder_hparams_and_params(model_dir=out_dir, fast_layout=False)
     state_path = out_dir / "train_state.json"
     try:
@@ -116,8 +166,8 @@ def load_checkpoint(out_dir):
     for name in ("m", "v"):
         moment = {key.removeprefix(f"{name}."): t for key, t in tensors.items() if key.startswith(f"{name}.")}
         moment = params_from_tensors(moment, hparams, hf_name, optimizer_path, out_dir / "config.json")
-        optimizer[name] = writable(moment)
-    return encoder, hparams, writable(params), optimizer, rng, flags
+        optimizer[name] = moment
+    return encoder, hparams, params, optimizer, rng, flags
 
 
 def check_same_model(saved_flags, flags, out_dir):
@@ -135,9 +185,11 @@ def open_log(path, step):  # -> the JSON-lines log, open for appending, keeping 
                 if json.loads(line)["step"] < step:
                     kept.append(line + "\n")
     write_text_atomically(path, "".join(kept))
-    return open(path, "a", encoding="utf-8")
+    # unbuffered: a write the disk has no room for fails there and then, and leaves nothing to fail again at close
+    return open(path, "ab", buffering=0)
 
 
 def write_log(log, entry):
-    log.write(json.dumps(entry, ensure_ascii=False) + "\n")
-    log.flush()
+    line = (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
+    with disk_space_for(log.name, len(line)):
+        log.write(line)

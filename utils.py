@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from checkpoint import load_safetensors, load_tf_checkpoint, save_safetensors
+from checkpoint import damaged_tensor, load_safetensors, load_tf_checkpoint, save_safetensors
 from encoder import load_encoder
 from errors import GPT2Error
 from fast_layout import in_fast_layout
@@ -20,6 +20,11 @@ from files import files_stamp, write_text_atomically
 from params import HF_HPARAMS, OPENAI_HPARAMS, checked_hparams, hf_name, layout, leaves, openai_name, paths, tree_map
 
 MODEL_SIZES = ("124M", "355M", "774M", "1558M")
+# each size's hparams.json (n_layer, n_embd, n_head; all read 50257 tokens and 1024 positions): what a size needs
+# is known before it is downloaded
+SIZE_HPARAMS = {size: dict(n_vocab=50257, n_ctx=1024, n_embd=n_embd, n_head=n_head, n_layer=n_layer)
+                for size, (n_layer, n_embd, n_head) in zip(MODEL_SIZES, [(12, 768, 12), (24, 1024, 16),
+                                                                       (36, 1280, 20), (48, 1600, 25)])}
 DEFAULT_MODEL_SIZE = "124M"
 
 # The files each layout needs for loading (OpenAI's checkpoint and model.ckpt.meta serve only TensorFlow).
@@ -34,9 +39,13 @@ LAYOUTS = {
 # attn.bias/masked_bias are constant causal-mask buffers.
 HF_UNUSED = re.compile(r"lm_head\.weight|h\.\d+\.attn\.(masked_)?bias")
 
-# Records which files already passed their CRC check (the checkpoint, the fast-layout file), so that only
-# the first load pays for it.
+# Records which files already passed their CRC check (the checkpoint, the fast-layout file, a training run's
+# optimizer state), so that only the first load pays for it.
 VERIFIED_MARKER = ".verified"
+DAMAGED_MODEL_FIX = "restore it from a copy, or save the model again (train it again, for one that train.py saved)"
+
+# train.py's checkpoint whose save was cut short after its commit point: its files wait here to be moved into place
+SAVED = ".saved"
 
 
 def load_encoder_hparams_and_params(model_size=None, models_dir="models", model_dir=None, fast_layout=True):
@@ -82,6 +91,10 @@ def choose_layout(model_dir, file_names):
     for folder_layout, needed in LAYOUTS.items():
         if set(needed) <= file_names:
             return folder_layout
+    if (model_dir / SAVED).is_dir():
+        raise GPT2Error(f"{model_dir} holds a checkpoint whose save train.py did not finish (its files wait in "
+                        f"{model_dir / SAVED}): finish it by resuming the run, python train.py --resume --out_dir "
+                        f"{model_dir} --data TEXT with the run's other flags, then load the folder again")
     folder_layout, needed = max(LAYOUTS.items(), key=lambda item: len(file_names & set(item[1])))
     if file_names & set(needed):
         missing = [name for name in needed if name not in file_names]
@@ -113,21 +126,37 @@ def load_openai_folder(model_dir, fast_layout=True):
 
 
 def load_hf_folder(model_dir, fast_layout=True):
-    """(encoder, hparams, params) of a folder in Hugging Face's layout, renamed to OpenAI's tensor names."""
+    """(encoder, hparams, params) of a folder in Hugging Face's layout, renamed to OpenAI's tensor names; the CRC-32s
+    a model.safetensors of ours records are checked once per file."""
     config_path = model_dir / "config.json"
     hparams = checked_hparams(read_json_object(config_path), config_path, HF_HPARAMS)
     encoder = read_tokenizer(model_dir / "vocab.json", model_dir / "merges.txt", hparams, config_path)
+    weights_path = model_dir / "model.safetensors"
     tensors = {}
-    for name, array in load_safetensors(str(model_dir / "model.safetensors")).items():
+    for name, array in load_safetensors(str(weights_path)).items():
         name = name.removeprefix("transformer.")
         if not HF_UNUSED.fullmatch(name):
             tensors[name] = array
-    params = params_from_tensors(tensors, hparams, hf_name, model_dir / "model.safetensors", config_path)
+    params = params_from_tensors(tensors, hparams, hf_name, weights_path, config_path)
+    verified = checked_once(weights_path, read_verified_marker(model_dir), "checkpoint", DAMAGED_MODEL_FIX)
     if fast_layout:
-        stamp = files_stamp([model_dir / "model.safetensors"])
-        params, verified = in_fast_layout(model_dir, params, stamp, read_verified_marker(model_dir))
-        write_verified_marker(model_dir, verified)
+        params, verified = in_fast_layout(model_dir, params, verified["checkpoint"], verified)
+    write_verified_marker(model_dir, verified)
     return encoder, hparams, params
+
+
+def checked_once(path, verified, key, fix, arguments=()):
+    """verified (the .verified marker's contents) with path's stamp under key, once every tensor of the
+    .safetensors file at path passes the CRC-32 it records (a file that records none, as Hugging Face's, has
+    nothing to check); skipped when verified already vouches for this very file. A tensor that fails is a GPT2Error
+    that names the file and says fix, which names arguments."""
+    stamp = files_stamp([path])
+    if verified.get(key) != stamp:
+        damaged = damaged_tensor(path)
+        if damaged is not None:
+            raise GPT2Error(f"{path} is damaged: tensor {damaged!r} fails its CRC-32 check, so it is not the file "
+                            f"that was saved: {fix}", arguments=arguments)
+    return dict(verified, **{key: stamp})
 
 
 def read_json_object(path):
@@ -223,7 +252,7 @@ def read_verified_marker(model_dir):  # -> {"checkpoint": stamp, "fast_layout": 
 def write_verified_marker(model_dir, verified):
     # A read-only model folder still loads; it is just verified again on every load.
     if verified != read_verified_marker(model_dir):
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, GPT2Error):  # GPT2Error: a full disk
             write_text_atomically(model_dir / VERIFIED_MARKER, json.dumps(verified))
 
 
@@ -241,4 +270,6 @@ def save_hf_folder(model_dir, hparams, params, encoder):
     write_text_atomically(model_dir / "vocab.json", json.dumps(encoder.encoder, ensure_ascii=False))
     merges = "".join(f"{first} {second}\n" for first, second in encoder.bpe_ranks)
     write_text_atomically(model_dir / "merges.txt", "#version: 0.2\n" + merges)
-    save_safetensors(model_dir / "model.safetensors", {hf_name(path): array for path, array in leaves(params)})
+    # "format": transformers 4 refuses a file whose metadata lacks it, as the CRCs' would otherwise
+    save_safetensors(model_dir / "model.safetensors", {hf_name(path): array for path, array in leaves(params)},
+                     metadata={"format": "pt"}, crc32=True)

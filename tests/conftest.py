@@ -4,7 +4,10 @@ Every checkpoint here is made by TensorFlow's own Saver from random weights, so 
 reads the same bytes it would read from OpenAI's bucket; the references (TensorFlow, Hugging Face
 transformers, tiktoken) are code nobody on this project wrote.
 """
+import builtins
+import errno
 import functools
+import io
 import json
 import os
 import shutil
@@ -128,6 +131,58 @@ def flip_byte(path, offset):
         byte = f.read(1)[0]
         f.seek(offset)
         f.write(bytes([byte ^ 0xFF]))
+
+
+class FullDiskFile:
+    """A file open for writing on a disk with disk["free"] bytes left: a write that would grow the file past them
+    writes what fits and fails as a full disk does (ENOSPC); writing over the file's own bytes takes no space."""
+
+    def __init__(self, file, disk):
+        self.file, self.disk, self.extent = file, disk, os.fstat(file.fileno()).st_size
+
+    def write(self, data):
+        text = isinstance(data, str)
+        size = len(data.encode()) if text else memoryview(data).nbytes
+        end = self.extent + size if text else self.file.tell() + size  # a text file's tell() is not a position
+        growth = max(0, end - self.extent)
+        if growth > self.disk["free"]:
+            if not text:
+                self.file.write(memoryview(data).cast("B")[: size - (growth - self.disk["free"])])
+            self.disk["free"] = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.disk["free"] -= growth
+        self.extent = max(self.extent, end)
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.file.close()
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """full_disk(folder, n_free) -> the disk: from then on the files opened for writing under folder (by open, io.open
+    and pathlib) share n_free bytes (disk["free"] holds what is left), and a write past them fails with ENOSPC."""
+    real_open = io.open
+
+    def start(folder, n_free):
+        disk, folder = {"free": n_free}, Path(folder).resolve()
+
+        def open_on_disk(file, mode="r", *args, **kwargs):
+            opened = real_open(file, mode, *args, **kwargs)
+            on_disk = not isinstance(file, int) and Path(file).resolve().is_relative_to(folder)
+            return FullDiskFile(opened, disk) if on_disk and set(mode) & set("wax+") else opened
+
+        monkeypatch.setattr(io, "open", open_on_disk)
+        monkeypatch.setattr(builtins, "open", open_on_disk)
+        return disk
+
+    return start
 
 
 @pytest.fixture(scope="session")
@@ -260,6 +315,21 @@ TINY_RUN = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=4, max
                 lr_decay_iters=8, eval_interval=2, eval_iters=2, sample_tokens=8)
 
 
+def train_in_process(text, out_dir, **flags):  # train.main on the tiny run, with flags changed
+    import train
+
+    train.main(data=str(text), out_dir=str(out_dir), **(TINY_RUN | flags))
+
+
+def tiny_run_args(text, out_dir, **flags):  # -> train.py's command-line arguments for TINY_RUN | flags
+    return ["--data", text, "--out_dir", out_dir, *(a for name, value in (TINY_RUN | flags).items()
+                                                    for a in (f"--{name}", value))]
+
+
+def files(folder):  # -> {name: bytes} of every file in folder, or None if there is no folder
+    return {p.name: p.read_bytes() for p in folder.iterdir()} if folder.exists() else None
+
+
 @pytest.fixture(scope="session")
 def training_text(tmp_path_factory):
     """A 12 kB UTF-8 text to train on: English verse with Chinese, emoji and runs of whitespace among it."""
@@ -270,3 +340,11 @@ def training_text(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "input.txt"
     path.write_text("\n".join(rng.choice(lines, 400)) + "\n", encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, training_text):
+    """A folder train.py wrote: the tiny byte-level model after TINY_RUN's 4 steps. Copy it before changing it."""
+    out_dir = tmp_path_factory.mktemp("trained") / "out"
+    train_in_process(training_text, out_dir)
+    return out_dir

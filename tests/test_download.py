@@ -17,6 +17,7 @@ import download
 from conftest import SHARED_124M_HEAD, ROOT, assert_clean_error, run_script, tf_variables
 from download import download_gpt2_files, download_problem
 from errors import GPT2Error
+from files import size_text
 from utils import load_encoder_hparams_and_params
 
 LOGIN_PAGE = b"<!DOCTYPE html>\n<html><body>Please log in to use this network.</body></html>\n"
@@ -132,6 +133,19 @@ def download_error(model_dir, base_url, model_size="124M"):
     message = str(info.value)
     assert "\n" not in message
     return message
+
+
+def test_a_download_on_a_full_disk_names_the_file_and_keeps_no_part_of_it(tiny, serve, tmp_path, full_disk):
+    source, _, _ = tiny
+    server = serve(source)
+    model_dir = tmp_path / "124M"
+    small_files = [name for name in download.OPENAI_FILES if name != DATA]
+    full_disk(model_dir, sum((source / name).stat().st_size for name in small_files) + 1000)
+    message = download_error(model_dir, server.base_url)
+    assert message.startswith(f"cannot write {model_dir / DATA} (No space left on device): it needs "
+                              f"{size_text((source / DATA).stat().st_size)} and ")
+    assert not list(model_dir.glob("*.part")) and not (model_dir / DATA).exists()
+    assert all((model_dir / name).read_bytes() == (source / name).read_bytes() for name in small_files)
 
 
 def test_a_full_download_loads_as_the_fixture(tiny, serve, tmp_path, monkeypatch):

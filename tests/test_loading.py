@@ -343,6 +343,14 @@ def test_a_folder_with_neither_layout_says_what_it_expected(tmp_path):
     assert all(name in message for name in ("hparams.json", DATA, "config.json", "model.safetensors", "merges.txt"))
 
 
+def test_a_folder_holding_only_a_save_train_py_did_not_finish_says_how_to_finish_it(tmp_path):
+    (tmp_path / utils.SAVED).mkdir()
+    (tmp_path / utils.SAVED / "model.safetensors").write_bytes(b"committed, not yet moved")
+    message = load_error(model_dir=tmp_path)
+    assert "a checkpoint whose save train.py did not finish" in message
+    assert f"python train.py --resume --out_dir {tmp_path} --data TEXT" in message
+
+
 def test_a_missing_model_dir_is_a_clear_error(tmp_path):
     assert "does not exist" in load_error(model_dir=tmp_path / "nowhere")
 

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import prepare
 import shakespeare
+from conftest import run_script, train_in_process
 from encoder import byte_level_encoder, load_encoder
 from errors import GPT2Error
 
@@ -180,3 +181,25 @@ def test_shakespeare_reads_the_plays_out_of_the_archive(tmp_path):
     assert text.startswith("CORIOLANUS\n\nby William Shakespeare") and text.endswith("The text of romeo_and_juliet.\n")
     assert [line for line in text.splitlines() if line.startswith("The text")] == [
         f"The text of {play}." for play in shakespeare.PLAYS]
+
+
+def test_prepare_py_shows_its_help(tmp_path):
+    result = run_script("prepare.py", "--help")
+    assert result.returncode == 0 and "--data" in result.stdout and "--init_from" in result.stdout
+
+
+def test_prepare_py_writes_the_tokens_train_py_would_and_train_py_uses_them(tmp_path, training_text, monkeypatch):
+    out_dir = tmp_path / "out"
+    result = run_script("prepare.py", "--data", training_text, "--out_dir", out_dir)
+    assert result.returncode == 0, result.stderr
+    ids = byte_level_encoder().encode(training_text.read_text(encoding="utf-8"))
+    assert np.fromfile(out_dir / "tokens.bin", np.uint16).tolist() == ids
+    assert result.stderr == f"{len(ids):,} tokens of {training_text} in {out_dir / 'tokens.bin'}: train.py --data " \
+                            f"{training_text} --out_dir {out_dir} uses them\n"
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("train.py encoded the text again")
+
+    monkeypatch.setattr(prepare, "encode_file", refuse)
+    train_in_process(training_text, out_dir)
+    assert (out_dir / "model.safetensors").is_file()

@@ -18,23 +18,16 @@ from hypothesis import strategies as st
 import gpt2
 import train
 import train_state
+import utils
 from backward import loss_and_grads
-from conftest import OFFLINE, ROOT, TINY_RUN, assert_clean_error, default_sigint, run_script
+from conftest import (OFFLINE, ROOT, assert_clean_error, default_sigint, files, flip_byte, run_script,
+                      tiny_run_args, train_in_process)
 from params import leaves, tree_map
 from errors import GPT2Error
 from utils import load_encoder_hparams_and_params
 
 CONTROL_CHARACTERS = r"[\x00-\x08\x0b-\x1f\x7f-\x9f]"  # but tab and newline
 STATE_FILES = ("model.safetensors", "optimizer.safetensors")
-
-
-def train_in_process(text, out_dir, **flags):
-    train.main(data=str(text), out_dir=str(out_dir), **(TINY_RUN | flags))
-
-
-def tiny_run_args(text, out_dir, **flags):  # -> train.py's command-line arguments for TINY_RUN | flags
-    return ["--data", text, "--out_dir", out_dir, *(a for name, value in (TINY_RUN | flags).items()
-                                                    for a in (f"--{name}", value))]
 
 
 def saved_state(out_dir):  # -> what must be equal for two runs to be the same: weights, moments, step, rng
@@ -45,18 +38,6 @@ def saved_state(out_dir):  # -> what must be equal for two runs to be the same: 
 def losses(out_dir):  # -> the training loss of each step in the log
     entries = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
     return [(entry["step"], entry["loss"]) for entry in entries if "loss" in entry]
-
-
-def files(folder):  # -> {name: bytes} of every file in folder, or None if there is no folder
-    return {p.name: p.read_bytes() for p in folder.iterdir()} if folder.exists() else None
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, training_text):
-    """A folder train.py wrote: the tiny byte-level model after TINY_RUN's 4 steps."""
-    out_dir = tmp_path_factory.mktemp("trained") / "out"
-    train_in_process(training_text, out_dir)
-    return out_dir
 
 
 def test_a_stopped_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, training_text):
@@ -257,8 +238,9 @@ def test_gradient_accumulation_averages_the_micro_batches(trained):
 # Bad input through the real command line: one line on stderr, a non-zero exit, nothing half-written
 
 
-# what a failed run may leave: a whole token cache, and the log of what it did
-MAY_CHANGE = {"tokens.bin", "tokens.json", "log.jsonl"}
+# what a failed run may leave: a whole token cache, the record of the files whose CRCs passed, and the log of what
+# it did
+MAY_CHANGE = {"tokens.bin", "tokens.json", utils.VERIFIED_MARKER, "log.jsonl"}
 
 
 @pytest.fixture()
@@ -366,6 +348,48 @@ def test_every_damage_to_a_checkpoint_is_a_clear_error_on_resume(trained, tmp_pa
     with pytest.raises(GPT2Error) as error:
         train_in_process(training_text, tmp_path / "out", resume=True)
     assert all(word in str(error.value) for word in words), error.value
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.safetensors"])
+def test_resume_refuses_a_checkpoint_file_with_a_flipped_byte_naming_it_and_changing_nothing(name, trained, tmp_path,
+                                                                                              training_text):
+    out_dir = shutil.copytree(trained, tmp_path / "out")
+    flip_byte(out_dir / name, (out_dir / name).stat().st_size - 3)  # in the last tensor, whose CRC is checked last
+    before = files(out_dir)
+    result = run_script("train.py", *tiny_run_args(training_text, out_dir, max_iters=8), "--resume")
+    assert result.returncode == 1
+    assert_clean_error(result, f"{out_dir / name} is damaged", "fails its CRC-32 check", "restore it from a copy",
+                       "without --resume", "another --out_dir")
+    assert files(out_dir) == before
+
+
+def test_gpt2_refuses_a_trained_model_with_a_flipped_byte_though_it_loaded_it_before(trained, tmp_path):
+    out_dir = shutil.copytree(trained, tmp_path / "out")
+    assert run_script("gpt2.py", "To be", "--model_dir", out_dir, "--n_tokens_to_generate", 1).returncode == 0
+    weights = out_dir / "model.safetensors"
+    flip_byte(weights, weights.stat().st_size - 3)
+    result = run_script("gpt2.py", "To be", "--model_dir", out_dir, "--n_tokens_to_generate", 1)
+    assert result.returncode == 1
+    assert_clean_error(result, f"{weights} is damaged", "CRC-32", "restore it from a copy")
+
+
+def test_a_checkpoints_crcs_are_checked_once_per_file(trained, tmp_path, monkeypatch):
+    out_dir = shutil.copytree(trained, tmp_path / "out")
+    checked, damaged_tensor = [], utils.damaged_tensor
+    monkeypatch.setattr(utils, "damaged_tensor", lambda path: checked.append(path.name) or damaged_tensor(path))
+    for _ in range(2):
+        train_state.load_checkpoint(out_dir)
+        load_encoder_hparams_and_params(model_dir=out_dir)
+    assert checked == ["model.safetensors", "optimizer.safetensors"]
+    encoder, hparams, params, optimizer, rng, flags = train_state.load_checkpoint(out_dir)
+    train_state.save_checkpoint(out_dir, hparams, params, encoder, optimizer, rng, flags)  # new files: checked anew
+    train_state.load_checkpoint(out_dir)
+    assert checked == ["model.safetensors", "optimizer.safetensors"] * 2
+
+
+def test_init_from_that_is_neither_a_size_nor_a_folder_lists_the_sizes(bad_input):
+    result = bad_input("--init_from", "999M", n_layer=4, n_head=4, n_embd=128)
+    assert_clean_error(result, "--init_from 999M is neither a GPT-2 size (124M, 355M, 774M, 1558M) nor a model folder")
 
 
 def test_a_fresh_run_into_a_finished_one_and_a_resume_with_another_model_are_refused(bad_input, trained, tmp_path):
