@@ -10,36 +10,8 @@ import torch
 
 from backward import loss, loss_and_grads
 from errors import GPT2Error
+from conftest import GRAD_ATOL, GRADIENT_CASES as CASES, LOSS_RTOL, batch, torch_loss_and_grads
 from params import hf_name, layout, leaves, tree_map
-
-GRAD_ATOL = 1e-5
-LOSS_RTOL = 1e-6  # the loss is one number of size 5 to 15 averaged in float64 from float32 rows
-
-
-def batch(hparams, n_batch, n_seq, n_ids=None, seed=0):  # -> inputs, targets, each [n_batch, n_seq]
-    # n_ids draws the ids from the first n_ids of the vocabulary only, so that many of them repeat
-    rng = np.random.default_rng(seed)
-    inputs = rng.integers(0, n_ids or hparams["n_vocab"], (n_batch, n_seq))
-    return inputs, rng.integers(0, hparams["n_vocab"], (n_batch, n_seq))
-
-
-def torch_loss_and_grads(model, inputs, targets):  # -> HF's loss, {hf name: autograd's gradient}
-    # Hugging Face shifts labels itself (position t is scored against labels[t + 1]); shift_labels gives it targets
-    # already aligned, position t against targets[t], as ours are
-    targets = torch.tensor(targets)
-    out = model(input_ids=torch.tensor(inputs), labels=targets, shift_labels=targets)
-    named = dict(model.named_parameters())  # lm_head.weight is wte's very tensor: listed once, as wte
-    grads = torch.autograd.grad(out.loss, list(named.values()))
-    return out.loss.item(), {name.removeprefix("transformer."): g.numpy() for name, g in zip(named, grads)}
-
-
-CASES = {  # shape, n_batch, n_seq, ids drawn from how many
-    "tiny, full block, repeated ids": ("tiny", 3, 32, 10),
-    "12 heads, full block": ("h12", 2, 128, None),
-    "wide, part of the block": ("wide", 4, 9, None),
-    "byte-level, GPT-2 init, full block": ("byte", 4, 64, None),
-}
-
 
 @pytest.mark.parametrize("case", CASES)
 def test_loss_and_every_gradient_equal_pytorch_autograd(case, training_reference):

@@ -18,7 +18,7 @@ SCRIPTS = sorted(path.name for path in ROOT.glob("*.py")  # the files that run t
                  if re.search(r"^ +run_cli\(main\)$", path.read_text(), re.MULTILINE))
 
 
-@pytest.mark.parametrize("module", ["gpt2_pico", "backward", "optim", "gpt2"])
+@pytest.mark.parametrize("module", ["gpt2_pico", "train_pico", "backward", "optim", "gpt2"])
 def test_the_model_and_the_learning_files_import_only_numpy_and_the_standard_library(module):
     code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import {module}; "
             f"print([name for name in {HEAVY_MODULES!r} if name in sys.modules])")

@@ -5,7 +5,7 @@ import torch
 
 from backward import loss_and_grads
 from errors import GPT2Error
-from conftest import hf_gpt2
+from conftest import hf_gpt2, torch_adamw
 from optim import CHUNK, adamw_init, adamw_step, clip_grad_norm, learning_rate_at
 from params import hf_name, leaves, tree_map
 
@@ -21,12 +21,6 @@ def torch_schedule(optimizer, learning_rate, warmup_iters, lr_decay_iters, min_l
         schedulers.CosineAnnealingLR(optimizer, lr_decay_iters - warmup_iters, min_lr),
         schedulers.ConstantLR(optimizer, min_lr / learning_rate, total_iters=10**9),
     ], milestones=[warmup_iters, lr_decay_iters])
-
-
-def torch_adamw(named_params, weight_decay, lr):  # nanoGPT's two groups: decay every 2-D tensor, nothing else
-    groups = [{"params": [p for _, p in named_params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for _, p in named_params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
 
 
 def test_learning_rate_at_equals_torchs_warmup_cosine_floor_schedule():
