@@ -24,7 +24,6 @@ from files import write_text_atomically
 CHECKPOINT, TRANSPOSED = "checkpoint", "transposed"
 
 
-
 def in_blocks(x, w):  # (w.T @ x.T).T with w.T cut into blocks of n_in rows, a product each
     # each block's product keeps OpenBLAS's working memory small: the vocabulary's whole [n_vocab, n_embd] at once
     # took 52 MB more of it for a batch, in blocks 9 MB, and ran a fifth faster
