@@ -345,8 +345,8 @@ def main(model_size: str | None = None, model_dir: str | None = None, models_dir
     print("\n".join(table(f"GPT-2 {Path(spec['model_dir']).name}, float32, {threads} threads", spec, ours, others)),
           end="\n\n")
     print("\n".join(agreement(ours, others)))
-    print(f"Ours ran with the weights in the {chosen['layout']} layout, and a few rows times them in the "
-          f"{chosen['rows_form']} form: this machine's choices (machine.py).")
+    print(f"Ours ran with the weights in the {chosen['layout']} layout, and 2 to {chosen['most_rows']} rows times "
+          f"them in the {chosen['rows_form']} form: this machine's choices (machine.py).")
 
 
 def check_flags(model_size, model_dir, n_new, threads, train, runs):
@@ -516,7 +516,7 @@ def train_main(threads=2, runs=3):
 def choose(spec):  # -> the choices machine.py made for this machine
     import machine
 
-    return {name: machine.choices()[name] for name in ("layout", "rows_form")}
+    return {name: machine.choices()[name] for name in ("layout", "rows_form", "most_rows")}
 
 
 TASKS = dict(write_random=write_random, write_hf=write_hf, write_gguf=write_gguf, choose=choose,

@@ -43,6 +43,7 @@ ROWS_FORMS = {
 # cache a CPU of these machines has, so that each product reads its weights from memory, as a model's do
 TIMED_SHAPES = [(768, 2304), (768, 768), (768, 3072), (3072, 768)] * 8
 TIMED_ROWS = 8  # a batch's rows, or a short prompt's
+MANY_ROWS = 32  # a prompt's, or an uncached sequence's: where OpenBLAS's product as written may be back in front
 N_ROUNDS = 3  # the candidates run in turn, round after round, and each keeps its median: drift hits all alike
 
 _choices = None  # this process's, once read or measured
@@ -66,8 +67,8 @@ def cpu_name():
 
 
 def choices():
-    """{"layout": CHECKPOINT or TRANSPOSED, "rows_form": a key of ROWS_FORMS, ...}: this machine's, from the cache,
-    else measured (about a second, once) and kept there."""
+    """{"layout": CHECKPOINT or TRANSPOSED, "rows_form": a key of ROWS_FORMS, "most_rows": the most rows that form
+    serves, ...}: this machine's, from the cache, else measured (about a second, once) and kept there."""
     global _choices
     if _choices is None:
         key = machine_key()
@@ -88,20 +89,23 @@ def choices():
 
 
 def valid(cached):
-    return cached.get("layout") in (CHECKPOINT, TRANSPOSED) and cached.get("rows_form") in ROWS_FORMS
+    return (cached.get("layout") in (CHECKPOINT, TRANSPOSED) and cached.get("rows_form") in ROWS_FORMS
+            and cached.get("most_rows") in (2 * TIMED_ROWS, MANY_ROWS))
 
 
 def measure(shapes=TIMED_SHAPES):
-    """Time one row and TIMED_ROWS rows through matrices of the given shapes ([n_in, n_out]) in each layout and form
-    -> the choices: the layout with the least time per token of single and batched decoding, and the form of a few
-    rows for weights stored [n_out, n_in] (the vocabulary projection always has them so)."""
+    """Time one row, TIMED_ROWS and MANY_ROWS rows through matrices of the given shapes ([n_in, n_out]) in each
+    layout and form -> the choices: the layout with the least time per token of single and batched decoding, the
+    form of a few rows for weights stored [n_out, n_in] (the vocabulary projection always has them so), and up to
+    how many rows that form beats the product as written."""
     # the values do not matter to the time (they are no subnormals), so they are all 1, quick to write
     weights = {TRANSPOSED: [np.ones((n_out, n_in), np.float32).T for n_in, n_out in shapes],
                CHECKPOINT: [np.ones((n_in, n_out), np.float32) for n_in, n_out in shapes]}
-    rows = {n: {m: np.ones((m, n), np.float32) for m in (1, TIMED_ROWS)} for n in {n_in for n_in, _ in shapes}}
+    rows = {n: {m: np.ones((m, n), np.float32) for m in (1, TIMED_ROWS, MANY_ROWS)}
+            for n in {n_in for n_in, _ in shapes}}
     candidates = {(layout, 1, "plain"): weights[layout] for layout in weights}
     candidates |= {(CHECKPOINT, TIMED_ROWS, "plain"): weights[CHECKPOINT]}
-    candidates |= {(TRANSPOSED, TIMED_ROWS, form): weights[TRANSPOSED] for form in ROWS_FORMS}
+    candidates |= {(TRANSPOSED, m, form): weights[TRANSPOSED] for m in (TIMED_ROWS, MANY_ROWS) for form in ROWS_FORMS}
     seconds = {candidate: [] for candidate in candidates}
     for _ in range(N_ROUNDS):
         for (layout, m, form), ws in candidates.items():
@@ -113,15 +117,20 @@ def measure(shapes=TIMED_SHAPES):
     rows_form = min(ROWS_FORMS, key=lambda form: ms[(TRANSPOSED, TIMED_ROWS, form)])
     per_token = {layout: ms[(layout, 1, "plain")] + ms[(layout, TIMED_ROWS, "plain" if layout == CHECKPOINT
                                                          else rows_form)] / TIMED_ROWS for layout in weights}
-    return {"layout": min(per_token, key=per_token.get), "rows_form": rows_form,
+    # the form chosen at 8 rows serves up to 32 rows where it still beats the product as written there (on the
+    # Intel Xeon the blocks form took 30-40 % less time from 16 to 32 rows, and at 64 rows about as much), else
+    # up to 16
+    most_rows = MANY_ROWS if ms[(TRANSPOSED, MANY_ROWS, rows_form)] < ms[(TRANSPOSED, MANY_ROWS, "plain")] \
+        else 2 * TIMED_ROWS
+    return {"layout": min(per_token, key=per_token.get), "rows_form": rows_form, "most_rows": most_rows,
             "measured_ms": {f"{layout}, {m} rows, {form}": round(t, 2) for (layout, m, form), t in ms.items()}}
 
 
 def rows_times(x, w):  # [m, n_in], [n_in, n_out] -> [m, n_out]: x @ w, in the form this machine runs fastest
-    # The forms differ for a few rows, whose product is bound by reading w: one row is a matrix-vector product in
-    # any form; and from about 16 rows on, reading w is no longer what takes the time (at 2 flops per row for each
-    # 4 bytes of w, memory's 10-25 GB/s feed about the 100-200 GFLOP/s of two cores' vector units), and the form as
-    # written runs at the speed of OpenBLAS's large products and hands out its rows as a C-ordered array
-    if not 1 < len(x) <= 2 * TIMED_ROWS or w.flags.c_contiguous:
+    # The forms differ for a few rows, whose product is bound by reading w. One row is a matrix-vector product in
+    # any form; from some tens of rows on (at 2 flops per row for each 4 bytes of w, memory's 10-25 GB/s feed about
+    # the 100-200 GFLOP/s of two cores' vector units) reading w no longer takes the time, and the form as written
+    # runs at the speed of OpenBLAS's large products and hands out its rows as a C-ordered array
+    if not 1 < len(x) <= choices()["most_rows"] or w.flags.c_contiguous:
         return x @ w
     return ROWS_FORMS[choices()["rows_form"]](x, w)

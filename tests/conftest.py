@@ -43,7 +43,7 @@ SHAPES = {
 # Every run of the suite takes the same paths on any CPU, and none spends a second measuring: machine.py's choices
 # are pinned in a cache of the session's own, to the layout and form with the most to go wrong (test_machine.py
 # measures for real, and holds every layout and form against the others)
-PINNED_CHOICES = {"layout": machine.TRANSPOSED, "rows_form": "blocks"}
+PINNED_CHOICES = {"layout": machine.TRANSPOSED, "rows_form": "blocks", "most_rows": machine.MANY_ROWS}
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="gpt2-numpy-tests-")
 atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 machine.cache_path().parent.mkdir()

@@ -28,10 +28,23 @@ def test_every_form_of_a_few_rows_times_transposed_weights_is_numpys_product(for
     np.testing.assert_allclose(y, x.astype(np.float64) @ w.astype(np.float64), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("most_rows", [2 * machine.TIMED_ROWS, machine.MANY_ROWS])
+def test_the_chosen_form_serves_from_two_rows_up_to_the_most_rows_measured(most_rows, monkeypatch):
+    used = []
+    monkeypatch.setitem(machine.ROWS_FORMS, "recording", lambda x, w: used.append(len(x)) or x @ w)
+    monkeypatch.setattr(machine, "_choices", dict(PINNED_CHOICES, rows_form="recording", most_rows=most_rows))
+    stored = np.ones((3, 4), np.float32)  # [n_out, n_in], as the fast layout holds a weight
+    for m in (1, 2, most_rows, most_rows + 1):
+        machine.rows_times(np.ones((m, 4), np.float32), stored.T)
+    machine.rows_times(np.ones((2, 4), np.float32), np.ones((4, 3), np.float32))  # the checkpoint's layout
+    assert used == [2, most_rows]
+
+
 @pytest.fixture
 def choose(monkeypatch):  # choose(layout, rows_form): this process's choices, as if measured so
     def set_choices(layout, rows_form):
-        monkeypatch.setattr(machine, "_choices", {"layout": layout, "rows_form": rows_form})
+        monkeypatch.setattr(machine, "_choices", {"layout": layout, "rows_form": rows_form,
+                                                  "most_rows": machine.MANY_ROWS})
 
     return set_choices
 
@@ -76,7 +89,7 @@ def fresh_cache(tmp_path, monkeypatch):  # machine.py with nothing measured or r
 def test_the_first_use_measures_this_machine_and_later_ones_remember_it(fresh_cache, monkeypatch):
     chosen = machine.choices()
     assert machine.valid(chosen) and chosen["machine"] == machine.machine_key()
-    assert len(chosen["measured_ms"]) == 6 and all(ms > 0 for ms in chosen["measured_ms"].values())
+    assert len(chosen["measured_ms"]) == 9 and all(ms > 0 for ms in chosen["measured_ms"].values())
     assert json.loads(fresh_cache.read_text()) == chosen
     monkeypatch.setattr(machine, "_choices", None)
     monkeypatch.setattr(machine, "measure", lambda: pytest.fail("measured again"))
@@ -85,20 +98,21 @@ def test_the_first_use_measures_this_machine_and_later_ones_remember_it(fresh_ca
 
 @pytest.mark.parametrize("cached", [
     "not json",
-    json.dumps({"layout": "sideways", "rows_form": "plain"}),
+    json.dumps({"layout": "sideways", "rows_form": "plain", "most_rows": machine.MANY_ROWS}),
+    json.dumps({"layout": machine.TRANSPOSED, "rows_form": "blocks"}),  # from before most_rows was measured
     json.dumps(dict(PINNED_CHOICES, machine="another CPU; 2 cores; NumPy 1.0; OpenBLAS 0.1")),
 ])
 def test_a_cache_that_is_damaged_or_of_another_machine_is_measured_again(cached, fresh_cache, monkeypatch):
     fresh_cache.parent.mkdir(parents=True)
     fresh_cache.write_text(cached)
-    monkeypatch.setattr(machine, "measure", lambda: {"layout": machine.CHECKPOINT, "rows_form": "transposed"})
-    assert machine.choices() == {"layout": machine.CHECKPOINT, "rows_form": "transposed",
-                                 "machine": machine.machine_key()}
+    measured = {"layout": machine.CHECKPOINT, "rows_form": "transposed", "most_rows": 2 * machine.TIMED_ROWS}
+    monkeypatch.setattr(machine, "measure", lambda: measured)
+    assert machine.choices() == dict(measured, machine=machine.machine_key())
     assert json.loads(fresh_cache.read_text())["machine"] == machine.machine_key()
 
 
 def test_a_cache_that_cannot_be_written_still_gives_this_process_its_choices(fresh_cache, monkeypatch):
     fresh_cache.parent.parent.mkdir()
     fresh_cache.parent.write_text("a file where the folder would go")
-    monkeypatch.setattr(machine, "measure", lambda: {"layout": machine.TRANSPOSED, "rows_form": "blocks"})
+    monkeypatch.setattr(machine, "measure", lambda: dict(PINNED_CHOICES))
     assert machine.choices()["rows_form"] == "blocks"
