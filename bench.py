@@ -79,8 +79,11 @@ def measure(spec, load, decode, uncached, predict, batch=None, score=None):
 
 
 def run_ours(spec):
+    from allocator import keep_freed_memory
     from gpt2 import generate, generate_batch, gpt2, next_logits, score
     from utils import load_encoder_hparams_and_params
+
+    keep_freed_memory()  # as every command line of ours does
 
     def load():  # the warm-up load verifies the checkpoint's CRCs if no earlier load did
         _, hparams, params = load_encoder_hparams_and_params(model_dir=spec["model_dir"])
@@ -425,9 +428,12 @@ def time_train_steps(spec, step):  # step(inputs, targets) -> loss; -> ms per st
 
 
 def train_ours(spec):
+    from allocator import keep_freed_memory
     from backward import loss_and_grads
     from optim import adamw_init, adamw_step, clip_grad_norm
     from params import init_params
+
+    keep_freed_memory()  # as train.py does
 
     params, n_head = init_params(spec["hparams"], seed=0), spec["hparams"]["n_head"]
     state = adamw_init(params)
