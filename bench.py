@@ -79,17 +79,21 @@ def measure(spec, load, decode, uncached, predict, batch=None, score=None):
 
 
 def run_ours(spec):
-    from gpt2 import generate, generate_batch, gpt2, score
+    from allocator import keep_freed_memory
+    from gpt2 import generate, generate_batch, gpt2, next_logits, score
     from utils import load_encoder_hparams_and_params
+
+    keep_freed_memory()  # as every command line of ours does
 
     def load():  # the warm-up load verifies the checkpoint's CRCs if no earlier load did
         _, hparams, params = load_encoder_hparams_and_params(model_dir=spec["model_dir"])
         return (params, hparams["n_head"]), sum(a.nbytes for _, a in leaves(params))  # wte, tied, counts once
 
-    def uncached(model, prompt, n):  # the whole sequence through gpt2() for every new token
+    def uncached(model, prompt, n):  # the whole sequence through the model for every new token, no cache
+        # the last position alone onto the vocabulary, as transformers' generate and llama.cpp project it
         (params, n_head), ids = model, list(prompt)
         for _ in range(n):
-            ids.append(int(np.argmax(gpt2(ids, **params, n_head=n_head)[-1])))
+            ids.append(int(np.argmax(next_logits(np.array([ids]), np.zeros(1, int), params, n_head, None, 0)[0])))
         return ids[len(prompt):]
 
     (params, _), results = measure(spec, load, lambda m, prompt, n: generate(prompt, *m, n, stop_at_endoftext=False),
@@ -327,6 +331,8 @@ def main(model_size: str | None = None, model_dir: str | None = None, models_dir
         if not Path(spec[path]).exists():
             note(f"writing {spec[path]} for {name} (once)")
             child(writer, spec)
+    # the choices of machine.py measured (once per machine) in a process of their own, not in the one that is timed
+    chosen = child("choose", spec)
     started, cpu_before = time.perf_counter(), cpu_seconds()
     note("ours")
     ours = child("ours", spec)
@@ -342,6 +348,8 @@ def main(model_size: str | None = None, model_dir: str | None = None, models_dir
     print("\n".join(table(f"GPT-2 {Path(spec['model_dir']).name}, float32, {threads} threads", spec, ours, others)),
           end="\n\n")
     print("\n".join(agreement(ours, others)))
+    print(f"Ours ran with the weights in the {chosen['layout']} layout, and 2 to {chosen['most_rows']} rows times "
+          f"them in the {chosen['rows_form']} form: this machine's choices (machine.py).")
 
 
 def check_flags(model_size, model_dir, n_new, threads, train, runs):
@@ -420,9 +428,12 @@ def time_train_steps(spec, step):  # step(inputs, targets) -> loss; -> ms per st
 
 
 def train_ours(spec):
+    from allocator import keep_freed_memory
     from backward import loss_and_grads
     from optim import adamw_init, adamw_step, clip_grad_norm
     from params import init_params
+
+    keep_freed_memory()  # as train.py does
 
     params, n_head = init_params(spec["hparams"], seed=0), spec["hparams"]["n_head"]
     state = adamw_init(params)
@@ -508,7 +519,13 @@ def train_main(threads=2, runs=3):
               f"{max(abs(a - b) / b for a, b in zip(ours, theirs)):.1e} (PyTorch with {detail}).")
 
 
-TASKS = dict(write_random=write_random, write_hf=write_hf, write_gguf=write_gguf,
+def choose(spec):  # -> the choices machine.py made for this machine
+    import machine
+
+    return {name: machine.choices()[name] for name in ("layout", "rows_form", "most_rows")}
+
+
+TASKS = dict(write_random=write_random, write_hf=write_hf, write_gguf=write_gguf, choose=choose,
              ours=run_ours, hf=run_hf, llama=run_llama,
              train_ours=train_ours, train_torch=train_torch)
 

@@ -17,6 +17,7 @@ import warnings
 
 import numpy as np
 
+from allocator import keep_freed_memory
 from errors import GPT2Error
 
 
@@ -43,6 +44,7 @@ def run_cli(main):
     warnings.showwarning = show_once
     warnings.simplefilter("always")
     np.seterr(all="ignore")  # damaged weights are reported as the NaN they produce, not as numpy's warnings
+    keep_freed_memory()  # each step's temporaries reuse the last step's memory instead of faulting in fresh pages
     try:
         arguments = parse_command_line(parser, sys.argv[1:])
         values = [arguments.pop(name) for name in positionals]

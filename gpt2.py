@@ -20,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from errors import GPT2Error, GPT2Warning
+from machine import rows_times
 from prepare import encode_pieces, read_utf8
 from threads import set_blas_threads
 from utils import check_model_choice, load_encoder_hparams_and_params
@@ -35,8 +36,10 @@ def gelu(x):  # [...] -> [...]
     y *= 0.044715
     y += x
     y *= -2 * math.sqrt(2 / math.pi)
-    with np.errstate(over="ignore"):  # exp(-2u) is inf far below zero, where x / inf gives gelu's -0.0
-        np.exp(y, out=y)
+    # exp(80) still fits float32, and x / (1 + exp(80)) is gelu's 0 to float32's precision: the clip keeps exp from
+    # overflowing without the cost of np.errstate, which a decode step would pay on every layer
+    np.minimum(y, 80, out=y)
+    np.exp(y, out=y)
     y += 1
     return np.divide(x, y, out=y)
 
@@ -60,7 +63,7 @@ def layer_norm(x, g, b, eps: float = 1e-5):  # [..., n_embd] -> [..., n_embd]
 
 def linear(x, w, b):  # [..., m], [m, n], [n] -> [..., n]
     # as one 2-D product: numpy runs [n_batch, n_seq, m] @ w as n_batch products, each reading all of w
-    y = x.reshape(-1, x.shape[-1]) @ w
+    y = rows_times(x.reshape(-1, x.shape[-1]), w)
     y += b
     return y.reshape(*x.shape[:-1], w.shape[-1])
 
@@ -146,7 +149,7 @@ def hidden_states(inputs, positions, mask, wte, wpe, blocks, ln_f, n_head, kv_ca
 def gpt2(inputs, wte, wpe, blocks, ln_f, n_head):  # [n_seq] -> [n_seq, n_vocab]
     n_seq = len(inputs)
     x = hidden_states(np.asarray(inputs), np.arange(n_seq), causal_mask(n_seq, n_seq), wte, wpe, blocks, ln_f, n_head)
-    return x @ wte.T  # GPT-2 ties the output projection to the token embeddings
+    return rows_times(x, wte.T)  # GPT-2 ties the output projection to the token embeddings
 
 
 def log_softmax(x):  # [..., n] -> [..., n]
@@ -162,7 +165,7 @@ def next_logits(tokens, pads, params, n_head, kv_cache, start):  # [n_batch, n_n
     pad_keys = np.where(np.arange(end) < pads[:, None], np.float32(-1e10), np.float32(0))  # [n_batch, end]
     mask = causal_mask(n_new, end) + pad_keys[:, None, None, :]  # [n_batch, 1 (heads), n_new, end]
     x = hidden_states(tokens, positions, mask, **params, n_head=n_head, kv_cache=kv_cache, start=start, last_only=True)
-    return x[:, -1] @ params["wte"].T  # the vocabulary projection only where a token is chosen
+    return rows_times(x[:, -1], params["wte"].T)  # the vocabulary projection only where a token is chosen
 
 
 def new_kv_cache(params, n_head, n_batch, n_max):  # -> per layer [2, n_batch, n_head, n_max, n_embd/n_head]
@@ -414,7 +417,7 @@ def target_logprobs(x, targets, wte, chunk=256):  # [n, n_embd], [n] -> [n] log 
     # so the logits in memory stay [chunk, n_vocab]
     logprobs = []
     for begin in range(0, len(x), chunk):
-        logits = x[begin : begin + chunk] @ wte.T  # [chunk, n_vocab]
+        logits = x[begin : begin + chunk] @ wte.T  # [chunk, n_vocab]: as many rows as scored, most often a chunk
         target = logits[np.arange(len(logits)), targets[begin : begin + chunk]]
         peak = np.max(logits, axis=-1)
         logits -= peak[:, None]

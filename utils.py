@@ -2,8 +2,8 @@
 
 A folder holds either OpenAI's release (hparams.json and a TensorFlow checkpoint) or Hugging Face's
 (config.json and model.safetensors); both are checked against their hyperparameters and give the same dict,
-whose arrays are views of the fast-layout copy that the first load writes beside the checkpoint (fast_layout.py).
-A size of OpenAI's (124M, ...) that is not on disk yet is downloaded first (download.py).
+whose arrays are the checkpoint's, or views of the fast-layout copy beside it (fast_layout.py) on a machine where
+that layout is the faster (machine.py). A size of OpenAI's (124M, ...) that is not on disk yet is downloaded first (download.py).
 """
 import contextlib
 import json
@@ -17,6 +17,7 @@ from encoder import load_encoder
 from errors import GPT2Error
 from fast_layout import in_fast_layout
 from files import files_stamp, write_text_atomically
+from machine import TRANSPOSED, choices
 from params import HF_HPARAMS, OPENAI_HPARAMS, checked_hparams, hf_name, layout, leaves, openai_name, paths, tree_map
 
 MODEL_SIZES = ("124M", "355M", "774M", "1558M")
@@ -48,11 +49,14 @@ DAMAGED_MODEL_FIX = "restore it from a copy, or save the model again (train it a
 SAVED = ".saved"
 
 
-def load_encoder_hparams_and_params(model_size=None, models_dir="models", model_dir=None, fast_layout=True):
+def load_encoder_hparams_and_params(model_size=None, models_dir="models", model_dir=None, fast_layout=None):
     """(encoder, hparams, params) of the folder model_dir, or of models_dir/model_size (default 124M), downloaded if
-    incomplete, and repaired if a file in it fails the check a download gets. fast_layout=False hands out the
-    checkpoint's own arrays and writes no fast-layout copy: for a caller that copies every weight anyway (training)."""
+    incomplete, and repaired if a file in it fails the check a download gets. fast_layout: whether params are views
+    of the fast-layout copy (written on the first load that wants it) or the checkpoint's own arrays; None lets this
+    machine's measurement decide (machine.py). False suits a caller that copies every weight anyway (training)."""
     check_model_choice(model_size, model_dir)
+    if fast_layout is None:
+        fast_layout = choices()["layout"] == TRANSPOSED
     if model_dir is None:
         model_size = model_size or DEFAULT_MODEL_SIZE
         model_dir = Path(models_dir) / model_size

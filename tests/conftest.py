@@ -4,6 +4,7 @@ Every checkpoint here is made by TensorFlow's own Saver from random weights, so 
 reads the same bytes it would read from OpenAI's bucket; the references (TensorFlow, Hugging Face
 transformers, tiktoken) are code nobody on this project wrote.
 """
+import atexit
 import builtins
 import errno
 import functools
@@ -14,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import machine  # noqa: E402
 from params import hf_name, layout, leaves, openai_name, paths, tree_map  # noqa: E402
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -37,6 +40,15 @@ SHAPES = {
 
 
 # Nothing listens on port 1: a command that tries to download fails at once instead of reaching the network.
+# Every run of the suite takes the same paths on any CPU, and none spends a second measuring: machine.py's choices
+# are pinned in a cache of the session's own, to the layout and form with the most to go wrong (test_machine.py
+# measures for real, and holds every layout and form against the others)
+PINNED_CHOICES = {"layout": machine.TRANSPOSED, "rows_form": "blocks", "most_rows": machine.MANY_ROWS}
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="gpt2-numpy-tests-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
+machine.cache_path().parent.mkdir()
+machine.cache_path().write_text(json.dumps(dict(PINNED_CHOICES, machine=machine.machine_key())))
+
 OFFLINE = dict(os.environ, GPT2_BASE_URL="http://127.0.0.1:1")
 
 

@@ -1,0 +1,136 @@
+"""What runs fastest on this machine: measured once, then remembered.
+
+The same product of a few rows by GPT-2's weights can be asked of OpenBLAS in several forms, and which is fastest
+depends on the CPU. On an AMD EPYC (AVX2) one row times weights stored [n_out, n_in] ran 12-18 % faster than times
+the checkpoint's [n_in, n_out], and 8 rows 10 % slower; on an Intel Xeon (AVX-512) one row ran no faster either way,
+while 8 rows ran 1.5 times as fast with the weights stored [n_out, n_in] and the product asked for as w.T @ x.T
+(OpenBLAS then takes the 8 rows as its small dimension). No layout fixed in advance is right for every CPU, so the
+first load on a machine times each candidate on matrices of GPT-2 124M's shapes, larger together than a CPU's cache,
+and keeps the winner in ~/.cache/gpt2-numpy/machine.json (under XDG_CACHE_HOME if set), for this CPU and this NumPy.
+"""
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from files import write_text_atomically
+
+# The layouts of a linear layer's weight: the checkpoint's [n_in, n_out], or a copy stored [n_out, n_in] (the fast
+# layout, fast_layout.py), which params hand out as its transpose, so that w is [n_in, n_out] either way.
+CHECKPOINT, TRANSPOSED = "checkpoint", "transposed"
+
+
+def in_blocks(x, w):  # (w.T @ x.T).T with w.T cut into blocks of n_in rows, a product each
+    # each block's product keeps OpenBLAS's working memory small: the vocabulary's whole [n_vocab, n_embd] at once
+    # took 52 MB more of it for a batch, in blocks 9 MB, and ran a fifth faster
+    stored, n_in = w.T, w.shape[0]
+    return np.concatenate([stored[i : i + n_in] @ x.T for i in range(0, len(stored), n_in)]).T
+
+
+# Forms of x @ w, for x of a few rows and w stored [n_out, n_in] (w.T C-ordered): as written; as (w.T @ x.T).T; and
+# that in blocks
+ROWS_FORMS = {
+    "plain": lambda x, w: x @ w,
+    "transposed": lambda x, w: (w.T @ x.T).T,
+    "blocks": in_blocks,
+}
+
+# The matrices the candidates are timed on: a block of GPT-2 124M, repeated to 227 MB, several times the largest
+# cache a CPU of these machines has, so that each product reads its weights from memory, as a model's do
+TIMED_SHAPES = [(768, 2304), (768, 768), (768, 3072), (3072, 768)] * 8
+TIMED_ROWS = 8  # a batch's rows, or a short prompt's
+MANY_ROWS = 32  # a prompt's, or an uncached sequence's: where OpenBLAS's product as written may be back in front
+N_ROUNDS = 3  # the candidates run in turn, round after round, and each keeps its median: drift hits all alike
+
+_choices = None  # this process's, once read or measured
+
+
+def cache_path():
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt2-numpy" / "machine.json"
+
+
+def machine_key():  # -> what the choices depend on: the CPU, how many cores, NumPy and its BLAS
+    blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+    return f"{cpu_name()}; {os.cpu_count()} cores; NumPy {np.__version__}; {blas['name']} {blas['version']}"
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def choices():
+    """{"layout": CHECKPOINT or TRANSPOSED, "rows_form": a key of ROWS_FORMS, "most_rows": the most rows that form
+    serves, ...}: this machine's, from the cache, else measured (about a second, once) and kept there."""
+    global _choices
+    if _choices is None:
+        key = machine_key()
+        try:
+            cached = json.loads(cache_path().read_text())
+        except (OSError, ValueError, RecursionError):
+            cached = None
+        if isinstance(cached, dict) and cached.get("machine") == key and valid(cached):
+            _choices = cached
+        else:
+            _choices = dict(measure(), machine=key)
+            try:
+                cache_path().parent.mkdir(parents=True, exist_ok=True)
+                write_text_atomically(cache_path(), json.dumps(_choices, indent=2) + "\n")
+            except OSError:  # a read-only home: the choices hold for this process, and are measured again next time
+                pass
+    return _choices
+
+
+def valid(cached):
+    return (cached.get("layout") in (CHECKPOINT, TRANSPOSED) and cached.get("rows_form") in ROWS_FORMS
+            and cached.get("most_rows") in (2 * TIMED_ROWS, MANY_ROWS))
+
+
+def measure(shapes=TIMED_SHAPES):
+    """Time one row, TIMED_ROWS and MANY_ROWS rows through matrices of the given shapes ([n_in, n_out]) in each
+    layout and form -> the choices: the layout with the least time per token of single and batched decoding, the
+    form of a few rows for weights stored [n_out, n_in] (the vocabulary projection always has them so), and up to
+    how many rows that form beats the product as written."""
+    # the values do not matter to the time (they are no subnormals), so they are all 1, quick to write
+    weights = {TRANSPOSED: [np.ones((n_out, n_in), np.float32).T for n_in, n_out in shapes],
+               CHECKPOINT: [np.ones((n_in, n_out), np.float32) for n_in, n_out in shapes]}
+    rows = {n: {m: np.ones((m, n), np.float32) for m in (1, TIMED_ROWS, MANY_ROWS)}
+            for n in {n_in for n_in, _ in shapes}}
+    candidates = {(layout, 1, "plain"): weights[layout] for layout in weights}
+    candidates |= {(CHECKPOINT, TIMED_ROWS, "plain"): weights[CHECKPOINT]}
+    candidates |= {(TRANSPOSED, m, form): weights[TRANSPOSED] for m in (TIMED_ROWS, MANY_ROWS) for form in ROWS_FORMS}
+    seconds = {candidate: [] for candidate in candidates}
+    for _ in range(N_ROUNDS):
+        for (layout, m, form), ws in candidates.items():
+            started = time.perf_counter()
+            for w in ws:
+                ROWS_FORMS[form](rows[w.shape[0]][m], w)
+            seconds[(layout, m, form)].append(time.perf_counter() - started)
+    ms = {candidate: 1000 * statistics.median(times) for candidate, times in seconds.items()}
+    rows_form = min(ROWS_FORMS, key=lambda form: ms[(TRANSPOSED, TIMED_ROWS, form)])
+    per_token = {layout: ms[(layout, 1, "plain")] + ms[(layout, TIMED_ROWS, "plain" if layout == CHECKPOINT
+                                                         else rows_form)] / TIMED_ROWS for layout in weights}
+    # the form chosen at 8 rows serves up to 32 rows where it still beats the product as written there (on the
+    # Intel Xeon the blocks form took 30-40 % less time from 16 to 32 rows, and at 64 rows about as much), else
+    # up to 16
+    most_rows = MANY_ROWS if ms[(TRANSPOSED, MANY_ROWS, rows_form)] < ms[(TRANSPOSED, MANY_ROWS, "plain")] \
+        else 2 * TIMED_ROWS
+    return {"layout": min(per_token, key=per_token.get), "rows_form": rows_form, "most_rows": most_rows,
+            "measured_ms": {f"{layout}, {m} rows, {form}": round(t, 2) for (layout, m, form), t in ms.items()}}
+
+
+def rows_times(x, w):  # [m, n_in], [n_in, n_out] -> [m, n_out]: x @ w, in the form this machine runs fastest
+    # The forms differ for a few rows, whose product is bound by reading w. One row is a matrix-vector product in
+    # any form; from some tens of rows on (at 2 flops per row for each 4 bytes of w, memory's 10-25 GB/s feed about
+    # the 100-200 GFLOP/s of two cores' vector units) reading w no longer takes the time, and the form as written
+    # runs at the speed of OpenBLAS's large products and hands out its rows as a C-ordered array
+    if not 1 < len(x) <= choices()["most_rows"] or w.flags.c_contiguous:
+        return x @ w
+    return ROWS_FORMS[choices()["rows_form"]](x, w)

@@ -1,0 +1,118 @@
+"""machine.py: every form of a product equals NumPy's own, every layout and form gives the model's same logits, and
+the choices are measured once per machine and remembered."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import gpt2
+import machine
+from conftest import PINNED_CHOICES
+from fast_layout import FAST_LAYOUT_FILE
+from utils import load_encoder_hparams_and_params
+
+SHAPES = [(64, 192), (192, 64), (64, 257)]  # [n_in, n_out]: blocks that divide n_out, one that is all of it, a vocabulary
+
+
+@pytest.mark.parametrize("form", machine.ROWS_FORMS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("m", [2, 5, 33])
+def test_every_form_of_a_few_rows_times_transposed_weights_is_numpys_product(form, shape, m):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal(shape[::-1], np.float32).T  # stored [n_out, n_in], as the fast layout holds it
+    x = rng.standard_normal((m, shape[0]), np.float32)
+    y = machine.ROWS_FORMS[form](x, w)
+    assert y.shape == (m, shape[1])
+    np.testing.assert_allclose(y, x.astype(np.float64) @ w.astype(np.float64), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("most_rows", [2 * machine.TIMED_ROWS, machine.MANY_ROWS])
+def test_the_chosen_form_serves_from_two_rows_up_to_the_most_rows_measured(most_rows, monkeypatch):
+    used = []
+    monkeypatch.setitem(machine.ROWS_FORMS, "recording", lambda x, w: used.append(len(x)) or x @ w)
+    monkeypatch.setattr(machine, "_choices", dict(PINNED_CHOICES, rows_form="recording", most_rows=most_rows))
+    stored = np.ones((3, 4), np.float32)  # [n_out, n_in], as the fast layout holds a weight
+    for m in (1, 2, most_rows, most_rows + 1):
+        machine.rows_times(np.ones((m, 4), np.float32), stored.T)
+    machine.rows_times(np.ones((2, 4), np.float32), np.ones((4, 3), np.float32))  # the checkpoint's layout
+    assert used == [2, most_rows]
+
+
+@pytest.fixture
+def choose(monkeypatch):  # choose(layout, rows_form): this process's choices, as if measured so
+    def set_choices(layout, rows_form):
+        monkeypatch.setattr(machine, "_choices", {"layout": layout, "rows_form": rows_form,
+                                                  "most_rows": machine.MANY_ROWS})
+
+    return set_choices
+
+
+@pytest.mark.parametrize("layout", [machine.CHECKPOINT, machine.TRANSPOSED])
+@pytest.mark.parametrize("form", machine.ROWS_FORMS)
+def test_every_layout_and_form_gives_transformers_logits_and_the_same_generation(layout, form, choose, fixture_model,
+                                                                                  hf_model):
+    model_dir, hparams, _ = fixture_model("h12")
+    choose(layout, form)
+    _, _, params = load_encoder_hparams_and_params(model_dir=model_dir)
+    assert params["blocks"][0]["mlp"]["c_fc"]["w"].flags.f_contiguous == (layout == machine.TRANSPOSED)
+    ids = list(np.random.default_rng(0).integers(0, hparams["n_vocab"], 40))
+    with torch.no_grad():
+        expected = hf_model("h12")(torch.tensor([ids])).logits[0].numpy()
+    np.testing.assert_allclose(gpt2.gpt2(ids, **params, n_head=hparams["n_head"]), expected, atol=1e-4)
+    prompts = [ids[:5], ids[:9], ids[:7]]
+    batch = gpt2.generate_batch(prompts, params, hparams["n_head"], 6, stop_at_endoftext=False)
+    assert batch == [gpt2.generate(p, params, hparams["n_head"], 6, stop_at_endoftext=False) for p in prompts]
+
+
+def test_the_checkpoint_layout_writes_no_copy_and_the_transposed_one_does(choose, fixture_model, tmp_path):
+    model_dir, _, _ = fixture_model("tiny")
+    for layout, written in ((machine.CHECKPOINT, False), (machine.TRANSPOSED, True)):
+        folder = tmp_path / layout
+        os.makedirs(folder)
+        for path in model_dir.iterdir():
+            if path.is_file() and not path.name.startswith((".", FAST_LAYOUT_FILE)):
+                os.link(path, folder / path.name)
+        choose(layout, "plain")
+        load_encoder_hparams_and_params(model_dir=folder)
+        assert (folder / FAST_LAYOUT_FILE).exists() == written
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):  # machine.py with nothing measured or remembered yet -> its cache file
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(machine, "_choices", None)
+    return machine.cache_path()
+
+
+def test_the_first_use_measures_this_machine_and_later_ones_remember_it(fresh_cache, monkeypatch):
+    chosen = machine.choices()
+    assert machine.valid(chosen) and chosen["machine"] == machine.machine_key()
+    assert len(chosen["measured_ms"]) == 9 and all(ms > 0 for ms in chosen["measured_ms"].values())
+    assert json.loads(fresh_cache.read_text()) == chosen
+    monkeypatch.setattr(machine, "_choices", None)
+    monkeypatch.setattr(machine, "measure", lambda: pytest.fail("measured again"))
+    assert machine.choices() == chosen
+
+
+@pytest.mark.parametrize("cached", [
+    "not json",
+    json.dumps({"layout": "sideways", "rows_form": "plain", "most_rows": machine.MANY_ROWS}),
+    json.dumps({"layout": machine.TRANSPOSED, "rows_form": "blocks"}),  # from before most_rows was measured
+    json.dumps(dict(PINNED_CHOICES, machine="another CPU; 2 cores; NumPy 1.0; OpenBLAS 0.1")),
+])
+def test_a_cache_that_is_damaged_or_of_another_machine_is_measured_again(cached, fresh_cache, monkeypatch):
+    fresh_cache.parent.mkdir(parents=True)
+    fresh_cache.write_text(cached)
+    measured = {"layout": machine.CHECKPOINT, "rows_form": "transposed", "most_rows": 2 * machine.TIMED_ROWS}
+    monkeypatch.setattr(machine, "measure", lambda: measured)
+    assert machine.choices() == dict(measured, machine=machine.machine_key())
+    assert json.loads(fresh_cache.read_text())["machine"] == machine.machine_key()
+
+
+def test_a_cache_that_cannot_be_written_still_gives_this_process_its_choices(fresh_cache, monkeypatch):
+    fresh_cache.parent.parent.mkdir()
+    fresh_cache.parent.write_text("a file where the folder would go")
+    monkeypatch.setattr(machine, "measure", lambda: dict(PINNED_CHOICES))
+    assert machine.choices()["rows_form"] == "blocks"
