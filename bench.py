@@ -351,9 +351,10 @@ def main(model_size: str | None = None, model_dir: str | None = None, models_dir
     print("\n".join(table(f"GPT-2 {Path(spec['model_dir']).name}, float32, {threads} threads", spec, ours, others)),
           end="\n\n")
     print("\n".join(agreement(ours, others)))
-    print(f"Each number is the median of {runs} runs, the engines interleaved. "
-          f"Ours ran with the weights in the {chosen['layout']} layout, and 2 to {chosen['most_rows']} rows times "
-          f"them in the {chosen['rows_form']} form: this machine's choices (machine.py).")
+    repeats = f"the median of {runs} runs, the engines interleaved" if runs > 1 else "from one run of each engine"
+    print(f"Each number is {repeats}. Ours ran with the weights in the {chosen['layout']} layout, and 2 to "
+          f"{chosen['most_rows']} rows times them in the {chosen['rows_form']} form: this machine's choices "
+          "(machine.py).")
 
 
 def medians(runs):  # one engine's results of each run -> one result: each number the median over the runs
