@@ -320,7 +320,7 @@ def main(model_size: str | None = None, model_dir: str | None = None, models_dir
         n_new: how many tokens the decode and batch rows generate.
         threads: the thread count every engine gets.
         train: time a training step instead, ours against PyTorch's, for the baby GPT and 124M fine-tuning.
-        runs: with train, how many times each engine runs, interleaved; the table has the medians.
+        runs: how many times each engine runs, interleaved; the table has the medians.
     """
     check_flags(model_size, model_dir, n_new, threads, train, runs)
     if train:
@@ -334,12 +334,15 @@ def main(model_size: str | None = None, model_dir: str | None = None, models_dir
     # the choices of machine.py measured (once per machine) in a process of their own, not in the one that is timed
     chosen = child("choose", spec)
     started, cpu_before = time.perf_counter(), cpu_seconds()
-    note("ours")
-    ours = child("ours", spec)
-    others = {}
-    for name, worker, _, _, _ in engines:
-        note(name)
-        others[name] = child(worker, spec)
+    # A shared machine's speed drifts over minutes: engines that run in turn, round after round, meet the same drift
+    workers = {"ours": "ours", **{name: worker for name, worker, _, _, _ in engines}}
+    results = {name: [] for name in workers}
+    for run in range(runs):
+        for name, worker in workers.items():
+            note(f"{name}, run {run + 1} of {runs}")
+            results[name].append(child(worker, spec))
+    ours, *others = (medians(results[name]) for name in workers)
+    others = dict(zip(list(workers)[1:], others))
     machine_busy, bench_busy = (after - before for after, before in zip(cpu_seconds(), cpu_before))
     note(f"benchmarks took {time.perf_counter() - started:.0f} s")
     # Threads that spin while waiting for a core (as OpenBLAS's do) make every row wrong on a shared machine
@@ -348,8 +351,16 @@ def main(model_size: str | None = None, model_dir: str | None = None, models_dir
     print("\n".join(table(f"GPT-2 {Path(spec['model_dir']).name}, float32, {threads} threads", spec, ours, others)),
           end="\n\n")
     print("\n".join(agreement(ours, others)))
-    print(f"Ours ran with the weights in the {chosen['layout']} layout, and 2 to {chosen['most_rows']} rows times "
-          f"them in the {chosen['rows_form']} form: this machine's choices (machine.py).")
+    repeats = f"the median of {runs} runs, the engines interleaved" if runs > 1 else "from one run of each engine"
+    print(f"Each number is {repeats}. Ours ran with the weights in the {chosen['layout']} layout, and 2 to "
+          f"{chosen['most_rows']} rows times them in the {chosen['rows_form']} form: this machine's choices "
+          "(machine.py).")
+
+
+def medians(runs):  # one engine's results of each run -> one result: each number the median over the runs
+    # the rest (generated ids, descriptions) is the same in every run, the runs being of the same weights and inputs
+    return {key: statistics.median(r[key] for r in runs) if isinstance(value, (int, float)) else value
+            for key, value in runs[0].items()}
 
 
 def check_flags(model_size, model_dir, n_new, threads, train, runs):

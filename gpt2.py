@@ -45,10 +45,8 @@ def gelu(x):  # [...] -> [...]
 
 
 def softmax(x):  # [..., n] -> [..., n]
-    exp_x = x - x.max(axis=-1, keepdims=True)
-    np.exp(exp_x, out=exp_x)  # in place: attention's scores are the largest arrays on a long prompt
-    exp_x /= exp_x.sum(axis=-1, keepdims=True)
-    return exp_x
+    exp_x = np.exp(x - x.max(axis=-1, keepdims=True))
+    return exp_x / exp_x.sum(axis=-1, keepdims=True)
 
 
 def layer_norm(x, g, b, eps: float = 1e-5):  # [..., n_embd] -> [..., n_embd]
@@ -87,10 +85,14 @@ def ffn(x, c_fc, c_proj):  # [..., n_seq, n_embd] -> [..., n_seq, n_embd]
 def attention(q, k, v, mask):  # [..., n_q, d], [..., n_k, d], [..., n_k, d], [..., n_q, n_k] -> [..., n_q, d]
     scores = (q / math.sqrt(q.shape[-1])) @ k.swapaxes(-1, -2)  # scaling q, not the larger [n_q, n_k] scores
     scores += mask
-    return softmax(scores) @ v
+    # softmax(scores) @ v, in the scores' own memory (on a long prompt they are the largest arrays), and with
+    # softmax's division by each row's sum done after the product with v, on [n_q, d] instead of [n_q, n_k]
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    return (scores @ v) / scores.sum(axis=-1, keepdims=True)
 
 
-def causal_attention(q, k, v, mask, chunk=64):  # attention() where the mask hides every later position
+def causal_attention(q, k, v, mask, chunk=128):  # attention() where the mask hides every later position
     # A long prompt's queries go in chunks, each against only the keys up to its last query: the keys after
     # it would get weight exp(-1e10) = 0 anyway. That skips about half the work, on smaller arrays.
     n_q, n_k = q.shape[-2], k.shape[-2]

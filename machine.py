@@ -132,6 +132,7 @@ def rows_times(x, w):  # [m, n_in], [n_in, n_out] -> [m, n_out]: x @ w, in the f
     # any form; from some tens of rows on (at 2 flops per row for each 4 bytes of w, memory's 10-25 GB/s feed about
     # the 100-200 GFLOP/s of two cores' vector units) reading w no longer takes the time, and the form as written
     # runs at the speed of OpenBLAS's large products and hands out its rows as a C-ordered array
-    if not 1 < len(x) <= choices()["most_rows"] or w.flags.c_contiguous:
+    chosen = choices()
+    if not 1 < len(x) <= chosen["most_rows"] or w.flags.c_contiguous:
         return x @ w
-    return ROWS_FORMS[choices()["rows_form"]](x, w)
+    return ROWS_FORMS[chosen["rows_form"]](x, w)
