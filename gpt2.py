@@ -92,7 +92,7 @@ def attention(q, k, v, mask):  # [..., n_q, d], [..., n_k, d], [..., n_k, d], [.
     return (scores @ v) / scores.sum(axis=-1, keepdims=True)
 
 
-def causal_attention(q, k, v, mask, chunk=128):  # attention() where the mask hides every later position
+def causal_attention(q, k, v, mask, chunk=64):  # attention() where the mask hides every later position
     # A long prompt's queries go in chunks, each against only the keys up to its last query: the keys after
     # it would get weight exp(-1e10) = 0 anyway. That skips about half the work, on smaller arrays.
     n_q, n_k = q.shape[-2], k.shape[-2]
