@@ -334,15 +334,9 @@ def main(model_size: str | None = None, model_dir: str | None = None, models_dir
     # the choices of machine.py measured (once per machine) in a process of their own, not in the one that is timed
     chosen = child("choose", spec)
     started, cpu_before = time.perf_counter(), cpu_seconds()
-    # A shared machine's speed drifts over minutes: engines that run in turn, round after round, meet the same drift
-    workers = {"ours": "ours", **{name: worker for name, worker, _, _, _ in engines}}
-    results = {name: [] for name in workers}
-    for run in range(runs):
-        for name, worker in workers.items():
-            note(f"{name}, run {run + 1} of {runs}")
-            results[name].append(child(worker, spec))
-    ours, *others = (medians(results[name]) for name in workers)
-    others = dict(zip(list(workers)[1:], others))
+    results, _ = interleaved({"ours": "ours", **{name: worker for name, worker, _, _, _ in engines}}, spec, runs)
+    ours = medians(results.pop("ours"))
+    others = {name: medians(runs_of_engine) for name, runs_of_engine in results.items()}
     machine_busy, bench_busy = (after - before for after, before in zip(cpu_seconds(), cpu_before))
     note(f"benchmarks took {time.perf_counter() - started:.0f} s")
     # Threads that spin while waiting for a core (as OpenBLAS's do) make every row wrong on a shared machine
@@ -355,6 +349,19 @@ def main(model_size: str | None = None, model_dir: str | None = None, models_dir
     print(f"Each number is {repeats}. Ours ran with the weights in the {chosen['layout']} layout, and 2 to "
           f"{chosen['most_rows']} rows times them in the {chosen['rows_form']} form: this machine's choices "
           "(machine.py).")
+
+
+def interleaved(tasks, spec, runs, title=None):
+    """Run each task's worker on spec, runs times, the tasks in turn, round after round (a shared machine's speed
+    drifts over minutes, and tasks run so meet the same drift) -> ({name: [each run's result]}, the 1-minute load
+    average after each process)."""
+    results, loads = {name: [] for name in tasks}, []
+    for run in range(runs):
+        for name, task in tasks.items():
+            note(f"{title + ': ' if title else ''}{name}, run {run + 1} of {runs}")
+            results[name].append(child(task, spec))
+            loads.append(Path("/proc/loadavg").read_text().split()[0])
+    return results, loads
 
 
 def medians(runs):  # one engine's results of each run -> one result: each number the median over the runs
@@ -500,12 +507,8 @@ def train_main(threads=2, runs=3):
     rows = []
     for title, (hparams, n_batch, n_seq, n_steps) in TRAIN_SETUPS.items():
         spec = dict(hparams=hparams, n_batch=n_batch, n_seq=n_seq, n_steps=n_steps, threads=threads)
-        results = {name: [] for name in engines}
-        for run in range(runs):
-            for name, task in engines.items():
-                note(f"{title}: {name}, run {run + 1} of {runs}")
-                results[name].append(child(task, spec))
-                loads.append(Path("/proc/loadavg").read_text().split()[0])
+        results, setup_loads = interleaved(engines, spec, runs, title)
+        loads += setup_loads
         rows.append((title, results))
     machine_busy, bench_busy = (after - before for after, before in zip(cpu_seconds(), cpu_before))
     note(f"benchmarks took {time.perf_counter() - started:.0f} s")
@@ -516,8 +519,8 @@ def train_main(threads=2, runs=3):
           f"{' | '.join(names)} | ours / PyTorch |")
     print("|---" * (len(names) + 3) + "|")
     for title, results in rows:
-        step_ms = [statistics.median(r["step_ms"] for r in results[name]) for name in names]
-        rss = [statistics.median(r["rss_mib"] for r in results[name]) for name in names]
+        summary = [medians(results[name]) for name in names]
+        step_ms, rss = [m["step_ms"] for m in summary], [m["rss_mib"] for m in summary]
         runs_ms = ["/".join(f"{r['step_ms']:.0f}" for r in results[name]) for name in names]
         print(f"| {title}: ms per step (median of {runs} runs: {'; '.join(runs_ms)}) | lower | "
               f"{' | '.join(f'{ms:.0f}' for ms in step_ms)} | {step_ms[0] / step_ms[1]:.2f} |")
