@@ -22,8 +22,12 @@ from tqdm import tqdm
 from errors import GPT2Error, GPT2Warning
 from machine import rows_times
 from prepare import encode_pieces, read_utf8
-from threads import set_blas_threads
+from threads import in_parts, set_blas_threads
 from utils import check_model_choice, load_encoder_hparams_and_params
+
+# The fewest rows (positions) worth a part on a core of their own: a part's hand-off to a thread costs tens of
+# microseconds, a row of GPT-2 124M's block about 0.15 ms of work
+MIN_PART_ROWS = 64
 
 
 def gelu(x):  # [...] -> [...]
@@ -50,6 +54,10 @@ def softmax(x):  # [..., n] -> [..., n]
 
 
 def layer_norm(x, g, b, eps: float = 1e-5):  # [..., n_embd] -> [..., n_embd]
+    return in_row_blocks(lambda x: normalized(x, g, b, eps), x)
+
+
+def normalized(x, g, b, eps):  # layer_norm of a block of rows: [..., n_embd] -> [..., n_embd]
     # sums divided by n: what np.mean and np.var compute, without their Python overhead (it shows per token)
     centered = x - x.sum(axis=-1, keepdims=True) / x.shape[-1]
     variance = np.square(centered).sum(axis=-1, keepdims=True) / x.shape[-1]
@@ -66,15 +74,21 @@ def linear(x, w, b):  # [..., m], [m, n], [n] -> [..., n]
     return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
-def in_row_blocks(fn, x, n_rows=64):  # fn(x) for an fn that keeps the shape, computed a block of rows at a time
-    # On a long prompt, a block that fits the CPU's cache stays there through all of fn's passes over it,
-    # where the whole array would be read from memory again on each pass
+def in_row_blocks(fn, x, n_rows=64):  # fn(x) for an fn that keeps the shape and computes each row alone
+    # A block of rows at a time: on a long prompt, a block that fits the CPU's cache stays there through all of
+    # fn's passes over it, where the whole array would be read from memory again on each pass. And the blocks go
+    # in parts, one per core (NumPy would make each pass on one core)
     rows = x.reshape(-1, x.shape[-1])
     if len(rows) <= n_rows:
         return fn(x)
     y = np.empty_like(rows)
-    for i in range(0, len(rows), n_rows):
-        y[i : i + n_rows] = fn(rows[i : i + n_rows])
+
+    def blocks(part):
+        for begin in range(part.start, part.stop, n_rows):
+            end = min(begin + n_rows, part.stop)
+            y[begin:end] = fn(rows[begin:end])
+
+    in_parts(blocks, len(rows), MIN_PART_ROWS)
     return y.reshape(x.shape)
 
 
@@ -121,7 +135,10 @@ def mha(x, c_attn, c_proj, n_head, mask, kv=None, start=0, last_only=False):
         k, v = kv[0, ..., :end, :], kv[1, ..., :end, :]
     if last_only:  # every position's keys and values, but only the last one's query
         q, mask = q[..., -1:, :], mask[..., -1:, :]
-    heads = causal_attention(q, k, v, mask)  # [..., n_head, n_q, d]
+    # each head attends alone: on a long prompt, a part of the heads per core
+    parts = in_parts(lambda part: causal_attention(q[..., part, :, :], k[..., part, :, :], v[..., part, :, :], mask),
+                     n_head, min_part=1 if q.shape[-2] >= MIN_PART_ROWS else n_head)
+    heads = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-3)  # [..., n_head, n_q, d]
     merged = heads.swapaxes(-2, -3).reshape(*x.shape[:-2], q.shape[-2], x.shape[-1])  # [..., n_q, n_embd]
     return linear(merged, **c_proj)
 
@@ -416,17 +433,20 @@ def write_out(text, flush=False):  # text to stdout: exactly as it is, but escap
 def target_logprobs(x, targets, wte, chunk=256):  # [n, n_embd], [n] -> [n] log p(target) under softmax(x @ wte.T)
     # Each row needs only its target's logit and the log of its sum of exponentials, in float32 as the logits are:
     # a float64 log-softmax over the whole vocabulary would cost more than the model. Rows go a block at a time,
-    # so the logits in memory stay [chunk, n_vocab]
-    logprobs = []
-    for begin in range(0, len(x), chunk):
-        logits = x[begin : begin + chunk] @ wte.T  # [chunk, n_vocab]: as many rows as scored, most often a chunk
-        target = logits[np.arange(len(logits)), targets[begin : begin + chunk]]
-        peak = np.max(logits, axis=-1)
-        logits -= peak[:, None]
-        np.exp(logits, out=logits)
-        log_sum = np.log(np.sum(logits, axis=-1))
-        logprobs.append((target - peak).astype(np.float64) - log_sum)
-    return np.concatenate(logprobs)
+    # so the logits in memory stay [chunk, n_vocab]; on many rows, in parts, one per core
+    def part_logprobs(part):
+        logprobs = []
+        for begin in range(part.start, part.stop, chunk):
+            logits = x[begin : min(begin + chunk, part.stop)] @ wte.T  # [chunk, n_vocab], or fewer rows at the end
+            target = logits[np.arange(len(logits)), targets[begin : begin + len(logits)]]
+            peak = np.max(logits, axis=-1)
+            logits -= peak[:, None]
+            np.exp(logits, out=logits)
+            log_sum = np.log(np.sum(logits, axis=-1))
+            logprobs.append((target - peak).astype(np.float64) - log_sum)
+        return np.concatenate(logprobs)
+
+    return np.concatenate(in_parts(part_logprobs, len(x), MIN_PART_ROWS))
 
 
 READ_BYTES = 1 << 16  # how much of a text to score is read at a time: 64 KiB take the tokenizer milliseconds

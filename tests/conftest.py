@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import machine  # noqa: E402
+import threads  # noqa: E402
 from params import hf_name, layout, leaves, openai_name, paths, tree_map  # noqa: E402
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -195,6 +196,13 @@ def full_disk(monkeypatch):
         return disk
 
     return start
+
+
+@pytest.fixture
+def blas_threads():  # -> set(n): NumPy's OpenBLAS on n threads for this test, and back to its count after it
+    before = threads.blas_threads()
+    yield threads.set_blas_threads
+    threads.set_blas_threads(before)
 
 
 @pytest.fixture(scope="session")
