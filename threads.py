@@ -5,6 +5,7 @@ gelu, softmax) on one, and a small product (one of attention's heads) gains litt
 that work takes about a third of the time, so the model cuts it into parts computed alone (blocks of rows, or
 attention's heads) and runs a part on each core, with OpenBLAS on one thread meanwhile.
 """
+import contextvars
 import ctypes
 import os
 import warnings
@@ -77,7 +78,8 @@ def in_parts(fn, n, min_part):  # -> [fn(part) for the parts]: slices that cover
     for stop in stop_idle:
         stop()
     try:
-        others = [_pool.submit(fn, part) for part in parts[1:]]
+        # each in a copy of this thread's context, so that NumPy's error state (np.errstate) holds in the parts too
+        others = [_pool.submit(contextvars.copy_context().run, fn, part) for part in parts[1:]]
         try:
             first = fn(parts[0])
         finally:  # no part may still be running once this returns, an error or not

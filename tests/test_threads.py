@@ -3,6 +3,7 @@ OpenBLAS on one thread meanwhile and its thread count given back after, an error
 import threading
 import time
 
+import numpy as np
 import pytest
 
 import threads
@@ -51,3 +52,10 @@ def test_a_failing_part_raises_once_every_part_has_finished(blas_threads):
         threads.in_parts(part_fn, 2, min_part=1)
     assert finished == [slice(1, 2)]
     assert threads.blas_threads() == 2
+
+
+def test_parts_run_under_the_callers_numpy_error_state(blas_threads):
+    blas_threads(2)
+    with np.errstate(over="raise"):
+        states = threads.in_parts(lambda part: np.geterr()["over"], 2, min_part=1)
+    assert states == ["raise", "raise"]
