@@ -22,12 +22,8 @@ from tqdm import tqdm
 from errors import GPT2Error, GPT2Warning
 from machine import rows_times
 from prepare import encode_pieces, read_utf8
-from threads import in_parts, set_blas_threads
+from threads import MIN_PART_ROWS, in_parts, set_blas_threads
 from utils import check_model_choice, load_encoder_hparams_and_params
-
-# The fewest rows (positions) worth a part on a core of their own: a part's hand-off to a thread costs tens of
-# microseconds, a row of GPT-2 124M's block about 0.15 ms of work
-MIN_PART_ROWS = 64
 
 
 def gelu(x):  # [...] -> [...]

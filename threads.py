@@ -24,6 +24,11 @@ GETTERS = ("openblas_get_num_threads", "openblas_get_num_threads64_", "scipy_ope
 # 4.3 ms on one thread, and 2.5 ms in halves with OpenBLAS's threads ended (Intel Xeon, 2 cores).
 STOP_IDLE = "blas_thread_shutdown_"
 
+# The fewest rows (positions) worth a part on a core of their own: a part's hand-off to a thread costs about 0.4 ms,
+# a row of a GPT-2 124M block's passes some microseconds, of its products (which OpenBLAS runs on every core
+# anyway) about 0.15 ms
+MIN_PART_ROWS = 64
+
 _openblas = _pool = None
 _pool_size = 0
 

@@ -273,8 +273,10 @@ def hf_model(fixture_model):
 
 
 # The shapes the training tests use: SHAPES with their wide random weights, and the byte-level baby GPT's kind
-# (a vocabulary of 257) with GPT-2's own initialisation, the weights training starts from.
-TRAIN_SHAPES = dict(SHAPES, byte=dict(n_vocab=257, n_ctx=64, n_embd=64, n_head=4, n_layer=2))
+# (a vocabulary of 257) with GPT-2's own initialisation, the weights training starts from; broad is wider than
+# backward.MAX_SPLIT_WIDTH, so its batch is not split, but its passes are.
+TRAIN_SHAPES = dict(SHAPES, byte=dict(n_vocab=257, n_ctx=64, n_embd=64, n_head=4, n_layer=2),
+                    broad=dict(n_vocab=257, n_ctx=64, n_embd=512, n_head=8, n_layer=1))
 
 
 @pytest.fixture(scope="session")
@@ -286,7 +288,7 @@ def training_reference():
     @functools.cache
     def get(name):
         hparams = TRAIN_SHAPES[name]
-        params = init_params(hparams, seed=0) if name == "byte" else make_params(hparams, seed=list(SHAPES).index(name))
+        params = make_params(hparams, seed=list(SHAPES).index(name)) if name in SHAPES else init_params(hparams, seed=0)
         return hparams, params, hf_gpt2(hparams, params)
 
     return get
@@ -322,6 +324,7 @@ GRADIENT_CASES = {  # shape, n_batch, n_seq, ids drawn from how many
     "12 heads, full block": ("h12", 2, 128, None),
     "wide, part of the block": ("wide", 4, 9, None),
     "byte-level, GPT-2 init, full block": ("byte", 4, 64, None),
+    "512 wide, GPT-2 init, full block": ("broad", 4, 64, None),
 }
 
 
