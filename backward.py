@@ -265,10 +265,10 @@ def check_batch(inputs, targets, params):  # the mistakes a caller can make with
 
 # Narrower than GPT-2's own sizes, a step spends most of its time in element-wise passes, which NumPy makes on one
 # core. There each core takes a part of the batch through its own forward and backward (with OpenBLAS on one thread
-# meanwhile), and the parts' gradients are summed. Measured (Intel Xeon, 2 cores), a step's forward and backward:
-# 128 wide (batch 12 x 64) 106 -> 75 ms; 384 wide (12 x 256) 2453 -> 1731 ms; but at 768 wide, GPT-2 124M's, where
-# products take most of the step and lose more on one thread each than the passes gain, 2492 -> 2623 ms (4 x 64)
-# and 5935 -> 6070 ms (4 x 256)
+# meanwhile), and the parts' gradients are summed. Measured on the Intel Xeon (2 cores): at 128 wide a step (batch
+# 12 x 64) 106 -> 75 ms, at 384 wide forward and backward (12 x 256) 2453 -> 1731 ms; but at 768 wide, GPT-2
+# 124M's, where the products take most of the step and lose more on one thread each than the passes gain, a step
+# 2492 -> 2623 ms (4 x 64), forward and backward 5935 -> 6070 ms (4 x 256)
 MAX_SPLIT_WIDTH = 384
 
 
