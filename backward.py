@@ -13,7 +13,8 @@ import math
 import numpy as np
 
 from errors import GPT2Error
-from params import tree_map
+from params import leaves, tree_map
+from threads import MIN_PART_ROWS, in_parts
 
 GELU_SCALE = math.sqrt(2 / math.pi)
 
@@ -26,7 +27,8 @@ def embed_backward(dwte, dwpe, dout, inputs):  # [n_batch, n_seq, n_embd] -> add
     # x = wte[inputs] + wpe[:n_seq]
     # np.add.at adds every occurrence of an id: dwte[inputs] += dout would keep only one of a repeated id's rows
     np.add.at(dwte, inputs, dout)
-    np.sum(dout, axis=0, out=dwpe[: inputs.shape[1]])  # the rows past n_seq were not used: their gradient stays 0
+    np.sum(dout, axis=0, out=dwpe[: inputs.shape[1]])
+    dwpe[inputs.shape[1] :] = 0  # the positions past n_seq were not used
 
 
 def layer_norm_forward(x, g, b, eps: float = 1e-5):
@@ -68,14 +70,19 @@ def linear_backward(dlinear, dout, x, w):  # [..., n_out] -> dx [..., n_in]; dli
 def gelu_forward(x):  # [...] -> gelu(x) [...], and exp_2u [...], the exp(-2 u) its backward needs again
     # gelu(x) = 0.5 * x * (1 + tanh(u)), u = sqrt(2 / pi) * (x + 0.044715 * x**3): gpt2.py's tanh form, computed
     # as x * sigmoid(2 u), the same function (0.5 * (1 + tanh(u)) = sigmoid(2 u)): NumPy's exp is faster than tanh
-    exp_2u = x * x
-    exp_2u *= -2 * GELU_SCALE * 0.044715
-    exp_2u -= 2 * GELU_SCALE
-    exp_2u *= x
-    np.minimum(exp_2u, 80, out=exp_2u)  # exp(80) still fits float32, and sigmoid(-80) = 2e-35 is 0 to gelu
-    np.exp(exp_2u, out=exp_2u)
-    y = exp_2u + 1
-    np.divide(x, y, out=y)  # x * sigmoid(2 u) = x / (1 + exp(-2 u))
+    y, exp_2u = np.empty_like(x), np.empty_like(x)
+
+    def part(x, y, exp_2u):
+        np.multiply(x, x, out=exp_2u)
+        exp_2u *= -2 * GELU_SCALE * 0.044715
+        exp_2u -= 2 * GELU_SCALE
+        exp_2u *= x
+        np.minimum(exp_2u, 80, out=exp_2u)  # exp(80) still fits float32, and sigmoid(-80) = 2e-35 is 0 to gelu
+        np.exp(exp_2u, out=exp_2u)
+        np.add(exp_2u, 1, out=y)
+        np.divide(x, y, out=y)  # x * sigmoid(2 u) = x / (1 + exp(-2 u))
+
+    by_rows(part, x, y, exp_2u)
     return y, exp_2u
 
 
@@ -83,18 +90,30 @@ def gelu_backward(dout, x, exp_2u):  # [...] -> dx [...]
     # y = x * sig, sig = sigmoid(2 u) = 1 / (1 + exp(-2 u)): dy/dx = sig + x * sig * (1 - sig) * 2 du/dx,
     # du/dx = sqrt(2 / pi) * (1 + 3 * 0.044715 * x**2); 1 - sig is computed as exp(-2 u) * sig, which keeps
     # its digits where sig is near 1
-    sig = exp_2u + 1
-    np.reciprocal(sig, out=sig)
-    dx = x * x
-    dx *= 2 * GELU_SCALE * 3 * 0.044715
-    dx += 2 * GELU_SCALE
-    dx *= x
-    dx *= exp_2u
-    dx *= sig
-    dx += 1
-    dx *= sig
-    dx *= dout
+    dx = np.empty_like(x)
+
+    def part(dx, dout, x, exp_2u):
+        sig = exp_2u + 1
+        np.reciprocal(sig, out=sig)
+        np.multiply(x, x, out=dx)
+        dx *= 2 * GELU_SCALE * 3 * 0.044715
+        dx += 2 * GELU_SCALE
+        dx *= x
+        dx *= exp_2u
+        dx *= sig
+        dx += 1
+        dx *= sig
+        dx *= dout
+
+    by_rows(part, dx, dout, x, exp_2u)
     return dx
+
+
+def by_rows(fn, *arrays):  # fn(*arrays) for an fn that computes each row alone, writing into the arrays it is given
+    # on many rows, a part of them per core (NumPy makes each pass on one); the arrays are C-ordered, so their rows
+    # are views
+    rows = [a.reshape(-1, a.shape[-1]) for a in arrays]
+    in_parts(lambda part: fn(*(r[part] for r in rows)), len(rows[0]), MIN_PART_ROWS)
 
 
 def split_heads(qkv, n_head):  # [n_batch, n_seq, 3 * n_embd] -> q, k, v, each a view [n_batch, n_head, n_seq, d]
@@ -102,18 +121,29 @@ def split_heads(qkv, n_head):  # [n_batch, n_seq, 3 * n_embd] -> q, k, v, each a
     return qkv.reshape(n_batch, n_seq, 3, n_head, -1).transpose(2, 0, 3, 1, 4)
 
 
+def by_batch_rows(fn, n_batch, n_seq):  # fn(rows) for slices of the batch's rows: on many, a part of them per core
+    in_parts(fn, n_batch, min_part=-(-MIN_PART_ROWS // n_seq))
+
+
 def attention_forward(qkv, n_head):
     # [n_batch, n_seq, 3 * n_embd] -> heads merged [n_batch, n_seq, n_embd], and att [n_batch, n_head, n_seq, n_seq]
     q, k, v = split_heads(qkv, n_head)
     n_batch, _, n_seq, d = q.shape
-    att = q @ k.swapaxes(-1, -2)
-    att *= 1 / math.sqrt(d)
-    att += np.triu(np.full((n_seq, n_seq), -np.inf, np.float32), k=1)  # a position sees itself and those before
-    att -= np.max(att, axis=-1, keepdims=True)
-    np.exp(att, out=att)
-    att /= np.sum(att, axis=-1, keepdims=True)
+    mask = np.triu(np.full((n_seq, n_seq), -np.inf, np.float32), k=1)  # a position sees itself and those before
+    att = np.empty((n_batch, n_head, n_seq, n_seq), np.float32)
     y = np.empty((n_batch, n_seq, n_head, d), np.float32)
-    np.matmul(att, v, out=y.transpose(0, 2, 1, 3))  # each head written straight into its columns of the merge
+
+    def part(rows):  # each row of the batch attends alone
+        a = att[rows]
+        np.matmul(q[rows], k[rows].swapaxes(-1, -2), out=a)
+        a *= 1 / math.sqrt(d)
+        a += mask
+        a -= np.max(a, axis=-1, keepdims=True)
+        np.exp(a, out=a)
+        a /= np.sum(a, axis=-1, keepdims=True)
+        np.matmul(a, v[rows], out=y[rows].transpose(0, 2, 1, 3))  # each head straight into its columns of the merge
+
+    by_batch_rows(part, n_batch, n_seq)
     return y.reshape(n_batch, n_seq, n_head * d), att
 
 
@@ -123,17 +153,21 @@ def attention_backward(dout, qkv, att, n_head):  # [n_batch, n_seq, n_embd] -> d
     dy = dout.reshape(n_batch, n_seq, n_head, d).transpose(0, 2, 1, 3)
     dqkv = np.empty((n_batch, n_seq, 3 * n_head * d), np.float32)
     dq, dk, dv = split_heads(dqkv, n_head)
-    # y = att @ v
-    np.matmul(att.swapaxes(-1, -2), dy, out=dv)
-    datt = dy @ v.swapaxes(-1, -2)
-    # att = softmax(scores): dscores = att * (datt - sum(att * datt)); the masked scores have att = 0
-    dscores = datt * att
-    datt -= np.sum(dscores, axis=-1, keepdims=True)
-    np.multiply(att, datt, out=dscores)
-    # scores = q @ k.T / sqrt(d)
-    dscores *= 1 / math.sqrt(d)
-    np.matmul(dscores, k, out=dq)
-    np.matmul(dscores.swapaxes(-1, -2), q, out=dk)
+
+    def part(rows):  # each row of the batch alone
+        # y = att @ v
+        np.matmul(att[rows].swapaxes(-1, -2), dy[rows], out=dv[rows])
+        datt = dy[rows] @ v[rows].swapaxes(-1, -2)
+        # att = softmax(scores): dscores = att * (datt - sum(att * datt)); the masked scores have att = 0
+        dscores = datt * att[rows]
+        datt -= np.sum(dscores, axis=-1, keepdims=True)
+        np.multiply(att[rows], datt, out=dscores)
+        # scores = q @ k.T / sqrt(d)
+        dscores *= 1 / math.sqrt(d)
+        np.matmul(dscores, k[rows], out=dq[rows])
+        np.matmul(dscores.swapaxes(-1, -2), q[rows], out=dk[rows])
+
+    by_batch_rows(part, n_batch, n_seq)
     return dqkv
 
 
@@ -229,14 +263,47 @@ def check_batch(inputs, targets, params):  # the mistakes a caller can make with
     return inputs, targets
 
 
+# Narrower than GPT-2's own sizes, a step spends most of its time in element-wise passes, which NumPy makes on one
+# core. There each core takes a part of the batch through its own forward and backward (with OpenBLAS on one thread
+# meanwhile), and the parts' gradients are summed. Measured on the Intel Xeon (2 cores): at 128 wide a step (batch
+# 12 x 64) 106 -> 75 ms, at 384 wide forward and backward (12 x 256) 2453 -> 1731 ms; but at 768 wide, GPT-2
+# 124M's, where the products take most of the step and lose more on one thread each than the passes gain, a step
+# 2492 -> 2623 ms (4 x 64), forward and backward 5935 -> 6070 ms (4 x 256)
+MAX_SPLIT_WIDTH = 384
+
+
+def batch_parts(fn, inputs, targets, params):  # -> [(part's rows, fn(its inputs, its targets)), ...]
+    narrow = params["wte"].shape[1] <= MAX_SPLIT_WIDTH
+    return in_parts(lambda rows: (rows.stop - rows.start, fn(inputs[rows], targets[rows])), len(inputs),
+                    min_part=1 if narrow else len(inputs))
+
+
 def loss(inputs, targets, params, n_head):  # [n_batch, n_seq] x 2 -> mean cross-entropy, a float
     inputs, targets = check_batch(inputs, targets, params)
-    return gpt2_forward(inputs, targets, **params, n_head=n_head, for_backward=False)[0]
+    parts = batch_parts(lambda inputs, targets: gpt2_forward(inputs, targets, **params, n_head=n_head,
+                                                             for_backward=False)[0], inputs, targets, params)
+    return sum(n_rows * part_loss for n_rows, part_loss in parts) / len(inputs)
 
 
 def loss_and_grads(inputs, targets, params, n_head):  # [n_batch, n_seq] x 2 -> mean loss, grads shaped as params
     inputs, targets = check_batch(inputs, targets, params)
-    loss_value, saved = gpt2_forward(inputs, targets, **params, n_head=n_head)
-    grads = tree_map(lambda a: np.zeros(a.shape, np.float32), params)
-    gpt2_backward(grads, saved, inputs, targets, **params, n_head=n_head)
-    return loss_value, grads
+
+    def part_loss_and_grads(inputs, targets):
+        loss_value, saved = gpt2_forward(inputs, targets, **params, n_head=n_head)
+        # not zeroed: each backward writes every element of its gradients (124M's zeros took 67 ms of a step)
+        grads = tree_map(lambda a: np.empty(a.shape, np.float32), params)
+        gpt2_backward(grads, saved, inputs, targets, **params, n_head=n_head)
+        return loss_value, grads
+
+    parts = batch_parts(part_loss_and_grads, inputs, targets, params)
+    if len(parts) == 1:
+        return parts[0][1]
+    # each part's loss and gradients are means over its rows: the batch's are their means weighted by rows
+    weights = [np.float32(n_rows / len(inputs)) for n_rows, _ in parts]
+    grads = parts[0][1][1]
+    for (_, g), *others in zip(leaves(grads), *(leaves(part_grads) for _, (_, part_grads) in parts[1:])):
+        g *= weights[0]
+        for weight, (_, other) in zip(weights[1:], others):
+            other *= weight
+            g += other
+    return sum(n_rows * part_loss for n_rows, (part_loss, _) in parts) / len(inputs), grads

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from errors import GPT2Error, GPT2Warning
 from machine import rows_times
 from prepare import encode_pieces, read_utf8
-from threads import set_blas_threads
+from threads import MIN_PART_ROWS, in_parts, set_blas_threads
 from utils import check_model_choice, load_encoder_hparams_and_params
 
 
@@ -50,6 +50,10 @@ def softmax(x):  # [..., n] -> [..., n]
 
 
 def layer_norm(x, g, b, eps: float = 1e-5):  # [..., n_embd] -> [..., n_embd]
+    return in_row_blocks(lambda x: normalized(x, g, b, eps), x)
+
+
+def normalized(x, g, b, eps):  # layer_norm of a block of rows: [..., n_embd] -> [..., n_embd]
     # sums divided by n: what np.mean and np.var compute, without their Python overhead (it shows per token)
     centered = x - x.sum(axis=-1, keepdims=True) / x.shape[-1]
     variance = np.square(centered).sum(axis=-1, keepdims=True) / x.shape[-1]
@@ -66,15 +70,21 @@ def linear(x, w, b):  # [..., m], [m, n], [n] -> [..., n]
     return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
-def in_row_blocks(fn, x, n_rows=64):  # fn(x) for an fn that keeps the shape, computed a block of rows at a time
-    # On a long prompt, a block that fits the CPU's cache stays there through all of fn's passes over it,
-    # where the whole array would be read from memory again on each pass
+def in_row_blocks(fn, x, n_rows=64):  # fn(x) for an fn that keeps the shape and computes each row alone
+    # A block of rows at a time: on a long prompt, a block that fits the CPU's cache stays there through all of
+    # fn's passes over it, where the whole array would be read from memory again on each pass. And the blocks go
+    # in parts, one per core (NumPy would make each pass on one core)
     rows = x.reshape(-1, x.shape[-1])
     if len(rows) <= n_rows:
         return fn(x)
     y = np.empty_like(rows)
-    for i in range(0, len(rows), n_rows):
-        y[i : i + n_rows] = fn(rows[i : i + n_rows])
+
+    def blocks(part):
+        for begin in range(part.start, part.stop, n_rows):
+            end = min(begin + n_rows, part.stop)
+            y[begin:end] = fn(rows[begin:end])
+
+    in_parts(blocks, len(rows), MIN_PART_ROWS)
     return y.reshape(x.shape)
 
 
@@ -121,7 +131,10 @@ def mha(x, c_attn, c_proj, n_head, mask, kv=None, start=0, last_only=False):
         k, v = kv[0, ..., :end, :], kv[1, ..., :end, :]
     if last_only:  # every position's keys and values, but only the last one's query
         q, mask = q[..., -1:, :], mask[..., -1:, :]
-    heads = causal_attention(q, k, v, mask)  # [..., n_head, n_q, d]
+    # each head attends alone: on a long prompt, a part of the heads per core
+    parts = in_parts(lambda part: causal_attention(q[..., part, :, :], k[..., part, :, :], v[..., part, :, :], mask),
+                     n_head, min_part=1 if q.shape[-2] >= MIN_PART_ROWS else n_head)
+    heads = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-3)  # [..., n_head, n_q, d]
     merged = heads.swapaxes(-2, -3).reshape(*x.shape[:-2], q.shape[-2], x.shape[-1])  # [..., n_q, n_embd]
     return linear(merged, **c_proj)
 
@@ -416,16 +429,23 @@ def write_out(text, flush=False):  # text to stdout: exactly as it is, but escap
 def target_logprobs(x, targets, wte, chunk=256):  # [n, n_embd], [n] -> [n] log p(target) under softmax(x @ wte.T)
     # Each row needs only its target's logit and the log of its sum of exponentials, in float32 as the logits are:
     # a float64 log-softmax over the whole vocabulary would cost more than the model. Rows go a block at a time,
-    # so the logits in memory stay [chunk, n_vocab]
+    # so the logits in memory stay [chunk, n_vocab]; the product of a block on OpenBLAS's threads, its passes in
+    # parts, one per core (products in parts too took 100 MiB more at 124M, each part a block and OpenBLAS's
+    # working memory for it, for 60 ms of 2.2 s)
     logprobs = []
     for begin in range(0, len(x), chunk):
         logits = x[begin : begin + chunk] @ wte.T  # [chunk, n_vocab]: as many rows as scored, most often a chunk
-        target = logits[np.arange(len(logits)), targets[begin : begin + chunk]]
-        peak = np.max(logits, axis=-1)
-        logits -= peak[:, None]
-        np.exp(logits, out=logits)
-        log_sum = np.log(np.sum(logits, axis=-1))
-        logprobs.append((target - peak).astype(np.float64) - log_sum)
+        block_targets = targets[begin : begin + len(logits)]
+
+        def part(rows):
+            part_logits = logits[rows]
+            target = part_logits[np.arange(len(part_logits)), block_targets[rows]]
+            peak = np.max(part_logits, axis=-1)
+            part_logits -= peak[:, None]
+            np.exp(part_logits, out=part_logits)
+            return (target - peak).astype(np.float64) - np.log(np.sum(part_logits, axis=-1))
+
+        logprobs += in_parts(part, len(logits), MIN_PART_ROWS)
     return np.concatenate(logprobs)
 
 

@@ -10,8 +10,10 @@ import numpy as np
 
 from errors import GPT2Error
 from params import leaves, tree_map
+from threads import in_parts
 
 CHUNK = 1 << 16  # elements per chunk of the update: 256 KiB per array, five arrays fit in a core's L2 cache
+MIN_PART_CHUNKS = 4  # the fewest chunks worth a core of their own: a part's hand-off costs about as much as 2 chunks
 
 
 def adamw_init(params):  # -> {"step": 0, "m": zeros like params, "v": zeros like params}
@@ -27,17 +29,27 @@ def adamw_step(params, grads, state, learning_rate, beta1=0.9, beta2=0.95, eps=1
     state["step"] += 1
     step_size = learning_rate / (1 - beta1 ** state["step"])
     bias_correction2_sqrt = math.sqrt(1 - beta2 ** state["step"])
-    scratch = np.empty(CHUNK, np.float32)
+    tensors = []  # (p, g, m, v, decay) of every parameter, the arrays flat
     for (path, p), (_, g), (_, m), (_, v) in zip(leaves(params), leaves(grads), leaves(state["m"]), leaves(state["v"])):
         if not (isinstance(p, np.ndarray) and p.dtype == np.float32 and p.flags.c_contiguous and p.flags.writeable):
             raise GPT2Error(f"adamw_step updates params in place, but {'/'.join(map(str, path))} is not a writable "
                             "C-ordered float32 array: copy the params first with np.array(a, np.float32, order='C')")
         decay = 1 - learning_rate * weight_decay if p.ndim == 2 else 1.0
-        p, g, m, v = p.reshape(-1), np.ravel(g), m.reshape(-1), v.reshape(-1)
-        for start in range(0, p.size, CHUNK):
-            chunk = slice(start, start + CHUNK)
-            adamw_update(p[chunk], g[chunk], m[chunk], v[chunk], scratch[: min(CHUNK, p.size - start)],
-                         decay, beta1, beta2, eps, step_size, bias_correction2_sqrt)
+        tensors.append((p.reshape(-1), np.ravel(g), m.reshape(-1), v.reshape(-1), decay))
+    work = in_chunks([p for p, *_ in tensors])
+
+    def update(part):  # each element is updated alone, so the chunks go in parts, one per core
+        scratch = np.empty(CHUNK, np.float32)
+        for i, chunk in work[part]:
+            p, g, m, v, decay = tensors[i]
+            adamw_update(p[chunk], g[chunk], m[chunk], v[chunk], scratch[: p[chunk].size], decay, beta1, beta2, eps,
+                         step_size, bias_correction2_sqrt)
+
+    in_parts(update, len(work), MIN_PART_CHUNKS)
+
+
+def in_chunks(arrays):  # -> [(i, chunk), ...]: arrays[i][chunk] covers every element of each flat array once
+    return [(i, slice(start, start + CHUNK)) for i, a in enumerate(arrays) for start in range(0, a.size, CHUNK)]
 
 
 def adamw_update(p, g, m, v, tmp, decay, beta1, beta2, eps, step_size, bias_correction2_sqrt):  # 1-D chunks, in place
@@ -61,12 +73,22 @@ def adamw_update(p, g, m, v, tmp, decay, beta1, beta2, eps, step_size, bias_corr
 
 def clip_grad_norm(grads, max_norm):  # -> the global norm of grads before clipping; grads scaled in place
     # as torch.nn.utils.clip_grad_norm_: one norm over every gradient, all scaled by max_norm / norm if it exceeds
-    # max_norm; max_norm = 0 measures without clipping
-    norm = math.sqrt(sum(float(np.dot(g.ravel(), g.ravel())) for _, g in leaves(grads)))
-    scale = max_norm / (norm + 1e-6)
+    # max_norm; max_norm = 0 measures without clipping. Both passes go in chunks, a part of them per core
+    flat = [g.reshape(-1) if g.flags.c_contiguous else g for _, g in leaves(grads)]  # flat, a view: not a copy
+    # a gradient that is not C-ordered is one chunk of its own
+    work = [(i, chunk if flat[i].ndim == 1 else ...) for i, chunk in in_chunks(flat)
+            if flat[i].ndim == 1 or chunk.start == 0]
+    squares = in_parts(lambda part: sum(float(np.vdot(flat[i][chunk], flat[i][chunk])) for i, chunk in work[part]),
+                       len(work), MIN_PART_CHUNKS)
+    norm = math.sqrt(sum(squares))
+    scale = np.float32(max_norm / (norm + 1e-6))
+
+    def clip(part):
+        for i, chunk in work[part]:
+            flat[i][chunk] *= scale
+
     if max_norm > 0 and scale < 1:
-        for _, g in leaves(grads):
-            g *= np.float32(scale)
+        in_parts(clip, len(work), MIN_PART_CHUNKS)
     return norm
 
 

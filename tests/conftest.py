@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import machine  # noqa: E402
+import threads  # noqa: E402
 from params import hf_name, layout, leaves, openai_name, paths, tree_map  # noqa: E402
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -197,6 +198,13 @@ def full_disk(monkeypatch):
     return start
 
 
+@pytest.fixture
+def blas_threads():  # -> set(n): NumPy's OpenBLAS on n threads for this test, and back to its count after it
+    before = threads.blas_threads()
+    yield threads.set_blas_threads
+    threads.set_blas_threads(before)
+
+
 @pytest.fixture(scope="session")
 def vocab_dir():
     """A folder with OpenAI's original encoder.json and vocab.bpe."""
@@ -265,8 +273,10 @@ def hf_model(fixture_model):
 
 
 # The shapes the training tests use: SHAPES with their wide random weights, and the byte-level baby GPT's kind
-# (a vocabulary of 257) with GPT-2's own initialisation, the weights training starts from.
-TRAIN_SHAPES = dict(SHAPES, byte=dict(n_vocab=257, n_ctx=64, n_embd=64, n_head=4, n_layer=2))
+# (a vocabulary of 257) with GPT-2's own initialisation, the weights training starts from; broad is wider than
+# backward.MAX_SPLIT_WIDTH, so its batch is not split, but its passes are.
+TRAIN_SHAPES = dict(SHAPES, byte=dict(n_vocab=257, n_ctx=64, n_embd=64, n_head=4, n_layer=2),
+                    broad=dict(n_vocab=257, n_ctx=64, n_embd=512, n_head=8, n_layer=1))
 
 
 @pytest.fixture(scope="session")
@@ -278,7 +288,7 @@ def training_reference():
     @functools.cache
     def get(name):
         hparams = TRAIN_SHAPES[name]
-        params = init_params(hparams, seed=0) if name == "byte" else make_params(hparams, seed=list(SHAPES).index(name))
+        params = make_params(hparams, seed=list(SHAPES).index(name)) if name in SHAPES else init_params(hparams, seed=0)
         return hparams, params, hf_gpt2(hparams, params)
 
     return get
@@ -314,6 +324,7 @@ GRADIENT_CASES = {  # shape, n_batch, n_seq, ids drawn from how many
     "12 heads, full block": ("h12", 2, 128, None),
     "wide, part of the block": ("wide", 4, 9, None),
     "byte-level, GPT-2 init, full block": ("byte", 4, 64, None),
+    "512 wide, GPT-2 init, full block": ("broad", 4, 64, None),
 }
 
 

@@ -14,8 +14,9 @@ from conftest import GRAD_ATOL, GRADIENT_CASES as CASES, LOSS_RTOL, batch, torch
 from params import hf_name, layout, leaves, tree_map
 
 @pytest.mark.parametrize("case", CASES)
-def test_loss_and_every_gradient_equal_pytorch_autograd(case, training_reference):
+def test_loss_and_every_gradient_equal_pytorch_autograd(case, training_reference, blas_threads):
     name, n_batch, n_seq, n_ids = CASES[case]
+    blas_threads(2)  # in parts on two threads: the batch's rows where narrow, the passes' rows where broad
     hparams, params, model = training_reference(name)
     inputs, targets = batch(hparams, n_batch, n_seq, n_ids)
     expected_loss, expected = torch_loss_and_grads(model, inputs, targets)

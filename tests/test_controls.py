@@ -171,6 +171,16 @@ def test_scores_equal_hugging_face_loss(loaded_model, hf_model, n_tokens):
     assert abs(-np.mean(logprobs) - expected_nll) <= 1e-4 * expected_nll
 
 
+def test_log_probabilities_of_many_rows_in_parts_on_two_threads_equal_torchs_log_softmax(blas_threads):
+    rng = np.random.default_rng(0)
+    x, wte = rng.standard_normal((300, 64), np.float32), rng.standard_normal((50257, 64), np.float32)
+    targets = rng.integers(0, 50257, 300)
+    blas_threads(2)
+    logprobs = gpt2.target_logprobs(x, targets, wte)  # a block of 256 rows in two parts, then one of 44
+    expected = torch.log_softmax(torch.from_numpy(x).double() @ torch.from_numpy(wte).double().T, dim=-1)
+    np.testing.assert_allclose(logprobs, expected[np.arange(300), targets].numpy(), rtol=0, atol=1e-4)
+
+
 def test_scoring_a_single_token_is_a_clear_error(tiny):
     _, params, n_head = tiny
     with pytest.raises(GPT2Error, match="at least 2 tokens"):

@@ -3,6 +3,8 @@
 The reference model gets the fixture's original weights; ours reads them back from the TF checkpoint,
 so these tests also cover the loader end to end.
 """
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -31,6 +33,19 @@ def test_logits_match_hugging_face(name, length, loaded_model, hf_model):
         logits = implementation.gpt2(ids, **params, n_head=hparams["n_head"])
         assert logits.dtype == np.float32 and logits.shape == (len(ids), hparams["n_vocab"])
         assert np.abs(logits - expected).max() <= 1e-4, implementation.__name__
+
+
+def test_a_long_prompt_runs_in_parts_on_two_threads_and_still_matches_hugging_face(loaded_model, hf_model,
+                                                                                   blas_threads, monkeypatch):
+    _, hparams, params = loaded_model("h12")
+    ids = random_ids(hparams["n_ctx"])  # 128 positions: two parts of gpt2.MIN_PART_ROWS
+    blas_threads(2)
+    attention, attended_on = gpt2.causal_attention, set()
+    monkeypatch.setattr(gpt2, "causal_attention",
+                        lambda *args: attended_on.add(threading.get_ident()) or attention(*args))
+    logits = gpt2.gpt2(ids, **params, n_head=hparams["n_head"])
+    assert len(attended_on) > 1
+    assert np.abs(logits - hf_logits(hf_model("h12"), ids)).max() <= 1e-4
 
 
 def test_cached_logits_match_full_forward_at_every_step(loaded_model):
