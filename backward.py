@@ -70,7 +70,7 @@ def linear_backward(dlinear, dout, x, w):  # [..., n_out] -> dx [..., n_in]; dli
 def gelu_forward(x):  # [...] -> gelu(x) [...], and exp_2u [...], the exp(-2 u) its backward needs again
     # gelu(x) = 0.5 * x * (1 + tanh(u)), u = sqrt(2 / pi) * (x + 0.044715 * x**3): gpt2.py's tanh form, computed
     # as x * sigmoid(2 u), the same function (0.5 * (1 + tanh(u)) = sigmoid(2 u)): NumPy's exp is faster than tanh
-    y, exp_2u = np.empty_like(x), np.empty_like(x)
+    y, exp_2u = np.empty(x.shape, np.float32), np.empty(x.shape, np.float32)  # C-ordered: by_rows writes rows
 
     def part(x, y, exp_2u):
         np.multiply(x, x, out=exp_2u)
@@ -90,7 +90,7 @@ def gelu_backward(dout, x, exp_2u):  # [...] -> dx [...]
     # y = x * sig, sig = sigmoid(2 u) = 1 / (1 + exp(-2 u)): dy/dx = sig + x * sig * (1 - sig) * 2 du/dx,
     # du/dx = sqrt(2 / pi) * (1 + 3 * 0.044715 * x**2); 1 - sig is computed as exp(-2 u) * sig, which keeps
     # its digits where sig is near 1
-    dx = np.empty_like(x)
+    dx = np.empty(x.shape, np.float32)  # C-ordered: by_rows writes its rows
 
     def part(dx, dout, x, exp_2u):
         sig = exp_2u + 1
@@ -110,8 +110,8 @@ def gelu_backward(dout, x, exp_2u):  # [...] -> dx [...]
 
 
 def by_rows(fn, *arrays):  # fn(*arrays) for an fn that computes each row alone, writing into the arrays it is given
-    # on many rows, a part of them per core (NumPy makes each pass on one); the arrays are C-ordered, so their rows
-    # are views
+    # on many rows, a part of them per core (NumPy makes each pass on one); the arrays written are C-ordered, so
+    # their rows are views
     rows = [a.reshape(-1, a.shape[-1]) for a in arrays]
     in_parts(lambda part: fn(*(r[part] for r in rows)), len(rows[0]), MIN_PART_ROWS)
 

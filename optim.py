@@ -48,8 +48,12 @@ def adamw_step(params, grads, state, learning_rate, beta1=0.9, beta2=0.95, eps=1
     in_parts(update, len(work), MIN_PART_CHUNKS)
 
 
-def in_chunks(arrays):  # -> [(i, chunk), ...]: arrays[i][chunk] covers every element of each flat array once
-    return [(i, slice(start, start + CHUNK)) for i, a in enumerate(arrays) for start in range(0, a.size, CHUNK)]
+def in_chunks(arrays):  # -> [(i, chunk), ...]: arrays[i][chunk] covers every element of each array once
+    # a flat array in chunks of CHUNK elements; any other is one chunk of its own
+    work = []
+    for i, a in enumerate(arrays):
+        work += [(i, slice(start, start + CHUNK)) for start in range(0, a.size, CHUNK)] if a.ndim == 1 else [(i, ...)]
+    return work
 
 
 def adamw_update(p, g, m, v, tmp, decay, beta1, beta2, eps, step_size, bias_correction2_sqrt):  # 1-D chunks, in place
@@ -74,10 +78,8 @@ def adamw_update(p, g, m, v, tmp, decay, beta1, beta2, eps, step_size, bias_corr
 def clip_grad_norm(grads, max_norm):  # -> the global norm of grads before clipping; grads scaled in place
     # as torch.nn.utils.clip_grad_norm_: one norm over every gradient, all scaled by max_norm / norm if it exceeds
     # max_norm; max_norm = 0 measures without clipping. Both passes go in chunks, a part of them per core
-    flat = [g.reshape(-1) if g.flags.c_contiguous else g for _, g in leaves(grads)]  # flat, a view: not a copy
-    # a gradient that is not C-ordered is one chunk of its own
-    work = [(i, chunk if flat[i].ndim == 1 else ...) for i, chunk in in_chunks(flat)
-            if flat[i].ndim == 1 or chunk.start == 0]
+    flat = [g.reshape(-1) if g.flags.c_contiguous else g for _, g in leaves(grads)]  # a view: scaled in place
+    work = in_chunks(flat)
     squares = in_parts(lambda part: sum(float(np.vdot(flat[i][chunk], flat[i][chunk])) for i, chunk in work[part]),
                        len(work), MIN_PART_CHUNKS)
     norm = math.sqrt(sum(squares))

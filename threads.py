@@ -75,7 +75,9 @@ def in_parts(fn, n, min_part):  # -> [fn(part) for the parts]: slices that cover
         return [fn(slice(0, n))]
     bounds = [n * i // n_parts for i in range(n_parts + 1)]
     parts = [slice(begin, end) for begin, end in zip(bounds, bounds[1:])]
-    if _pool is None or _pool_size < n_parts - 1:
+    if _pool is None or _pool_size < n_parts - 1:  # more threads than before: a larger pool, the old one ended
+        if _pool is not None:
+            _pool.shutdown(wait=False)
         _pool, _pool_size = ThreadPoolExecutor(n_parts - 1), n_parts - 1
     setters, _, stop_idle = openblas()
     for setter in setters:
