@@ -21,6 +21,7 @@ import numpy as np
 from errors import GPT2Error
 from gpt2 import check, is_int, warn_no_effect
 from params import leaves
+from threads import openblas_kernels
 from utils import SIZE_HPARAMS, check_model_choice, load_encoder_hparams_and_params
 
 EOT = 50256  # <|endoftext|> in GPT-2's vocabulary, which every size shares
@@ -28,14 +29,16 @@ PROMPT_LEN, LONG_PROMPT_LEN, N_UNCACHED = 10, 512, 16
 SCORE_LEN = 1024  # one window of scoring: GPT-2's context
 BATCH_LENGTHS = (5, 6, 7, 8, 9, 10, 6, 8)  # different lengths, so padding and masks are exercised
 MAX_N_NEW = SCORE_LEN - max(PROMPT_LEN, *BATCH_LENGTHS)  # the longest prompt and its new tokens share the context
+BOUND_PASSES = 10  # passes of the matvec bound after each timed decode: 30 in all, its median the bound
 
 
 def note(message):
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-def median_time(fn, runs=3, warmup=None):
-    """(median seconds of fn() over runs calls, fn's last result), after one untimed call of warmup (default fn)."""
+def median_time(fn, runs=3, warmup=None, after_each=None):
+    """(median seconds of fn() over runs calls, fn's last result), after one untimed call of warmup (default fn);
+    after_each() runs untimed after each timed call."""
     (warmup or fn)()  # first calls pay for paging weights in and growing allocators: not what is measured
     times = []
     for _ in range(runs):
@@ -43,19 +46,23 @@ def median_time(fn, runs=3, warmup=None):
         start = time.perf_counter()
         result = fn()
         times.append(time.perf_counter() - start)
+        if after_each:
+            after_each()
     return statistics.median(times), result
 
 
-def measure(spec, load, decode, uncached, predict, batch=None, score=None):
+def measure(spec, load, decode, uncached, predict, batch=None, score=None, bound=None):
     """The rows every engine has. load() -> (model, weight bytes); decode, uncached and batch generate greedily
     -> new ids; predict -> the argmax of the logits at every position of a prompt, to check the engines agree;
-    score(model, ids) computes the log-probability of every token of one window."""
+    score(model, ids) computes the log-probability of every token of one window; bound(model) times the decode's
+    bound, after each timed decode."""
     n_new, results = spec["n_new"], {}
     note("load")
     load_s, (model, weight_bytes) = median_time(load, 5)
     note("decode")
     decode_s, results["decode_ids"] = median_time(lambda: decode(model, spec["prompt"], n_new),
-                                                  warmup=lambda: decode(model, spec["prompt"], 4))
+                                                  warmup=lambda: decode(model, spec["prompt"], 4),
+                                                  after_each=bound and (lambda: bound(model)))
     note("time to first token")
     ttft_s, _ = median_time(lambda: decode(model, spec["long_prompt"], 1))
     note("uncached")
@@ -96,19 +103,29 @@ def run_ours(spec):
             ids.append(int(np.argmax(next_logits(np.array([ids]), np.zeros(1, int), params, n_head, None, 0)[0])))
         return ids[len(prompt):]
 
-    (params, _), results = measure(spec, load, lambda m, prompt, n: generate(prompt, *m, n, stop_at_endoftext=False),
-                                   uncached, lambda m, ids: gpt2(ids, **m[0], n_head=m[1]).argmax(-1).tolist(),
-                                   lambda m, prompts, n: generate_batch(prompts, *m, n, stop_at_endoftext=False),
-                                   lambda m, ids: score(ids[: m[0]["wpe"].shape[0]], *m))
-    note("matvec bound")
-    # every matrix one decode step multiplies a single row by, the tied vocabulary projection last, in the
-    # memory layout the loader hands them out in (so the bound is the one for the layout generation uses)
-    matrices = [layer["w"] for block in params["blocks"] for layer in
-                (block["attn"]["c_attn"], block["attn"]["c_proj"], block["mlp"]["c_fc"], block["mlp"]["c_proj"])]
-    matrices.append(params["wte"].T)
-    rows = {n: np.ones((1, n), np.float32) for n in {w.shape[0] for w in matrices}}
-    matvec_s, _ = median_time(lambda: [rows[w.shape[0]] @ w for w in matrices], 30)
-    return dict(results, matvec_tps=1 / matvec_s)
+    # The bound: every matrix one decode step multiplies a single row by, the tied vocabulary projection last, in
+    # the memory layout the loader hands them out in (so the bound is the one for the layout generation uses),
+    # timed right after each timed decode: this machine's memory speed drifts from minute to minute, and a bound
+    # timed after the other rows, half a minute later, was off by up to a half
+    bound_times = []
+
+    def bound(model):
+        params = model[0]
+        matrices = [layer["w"] for block in params["blocks"] for layer in
+                    (block["attn"]["c_attn"], block["attn"]["c_proj"], block["mlp"]["c_fc"], block["mlp"]["c_proj"])]
+        matrices.append(params["wte"].T)
+        rows = {n: np.ones((1, n), np.float32) for n in {w.shape[0] for w in matrices}}
+        for _ in range(BOUND_PASSES):
+            start = time.perf_counter()
+            for w in matrices:
+                rows[w.shape[0]] @ w
+            bound_times.append(time.perf_counter() - start)
+
+    _, results = measure(spec, load, lambda m, prompt, n: generate(prompt, *m, n, stop_at_endoftext=False),
+                         uncached, lambda m, ids: gpt2(ids, **m[0], n_head=m[1]).argmax(-1).tolist(),
+                         lambda m, prompts, n: generate_batch(prompts, *m, n, stop_at_endoftext=False),
+                         lambda m, ids: score(ids[: m[0]["wpe"].shape[0]], *m), bound)
+    return dict(results, matvec_tps=1 / statistics.median(bound_times))
 
 
 def run_hf(spec):
@@ -262,12 +279,20 @@ def machine():
     ram_kib = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
                        if line.startswith("MemTotal")))
     blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
-    versions = [f"NumPy {np.__version__} ({blas['name']} {blas['version']})"]
+    versions = [f"NumPy {np.__version__} ({blas['name']} {blas['version']}, {blas_kernels()})"]
     versions += [f"{name} {importlib.metadata.version(name)}" for name in ("torch", "transformers", "llama_cpp_python")
                  if importlib.util.find_spec(name.replace("_python", ""))]
     return [f"Machine: {cpu}, {os.cpu_count()} cores, {ram_kib / 2**20:.0f} GiB RAM",
             f"Date: {datetime.date.today()}",
             f"Versions: Python {platform.python_version()}, {', '.join(versions)}"]
+
+
+def blas_kernels():  # -> which CPU's kernels NumPy's OpenBLAS runs, and whether the environment chose them
+    # on an AMD EPYC with AVX-512, OpenBLAS's own pick (SkylakeX) ran 512-row products 1.8 times as fast as the
+    # Haswell ones that OPENBLAS_CORETYPE had chosen there
+    forced = os.environ.get("OPENBLAS_CORETYPE")
+    kernels = f"{openblas_kernels() or 'unknown'} kernels"
+    return f"{kernels}, OPENBLAS_CORETYPE={forced}" if forced is not None else kernels
 
 
 def cpu_seconds():

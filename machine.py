@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from files import write_text_atomically
+from threads import openblas_kernels
 
 # The layouts of a linear layer's weight: the checkpoint's [n_in, n_out], or a copy stored [n_out, n_in] (the fast
 # layout, fast_layout.py), which params hand out as its transpose, so that w is [n_in, n_out] either way.
@@ -54,9 +55,10 @@ def cache_path():
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt2-numpy" / "machine.json"
 
 
-def machine_key():  # -> what the choices depend on: the CPU, how many cores, NumPy and its BLAS
+def machine_key():  # -> what the choices depend on: the CPU, how many cores, NumPy, its BLAS and the BLAS's kernels
     blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
-    return f"{cpu_name()}; {os.cpu_count()} cores; NumPy {np.__version__}; {blas['name']} {blas['version']}"
+    return (f"{cpu_name()}; {os.cpu_count()} cores; NumPy {np.__version__}; {blas['name']} {blas['version']} "
+            f"({openblas_kernels() or 'unknown'} kernels)")
 
 
 def cpu_name():

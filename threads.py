@@ -23,6 +23,8 @@ GETTERS = ("openblas_get_num_threads", "openblas_get_num_threads64_", "scipy_ope
 # the core meanwhile: exp over a [512, 3072] array took 4.7 ms in halves on two threads right after a product,
 # 4.3 ms on one thread, and 2.5 ms in halves with OpenBLAS's threads ended (Intel Xeon, 2 cores).
 STOP_IDLE = "blas_thread_shutdown_"
+CORENAME_GETTERS = ("openblas_get_corename", "openblas_get_corename64_", "scipy_openblas_get_corename",
+                    "scipy_openblas_get_corename64_")
 
 # The fewest rows (positions) worth a part on a core of their own: a part's hand-off to a thread costs about 0.4 ms,
 # a row of a GPT-2 124M block's passes some microseconds, of its products (which OpenBLAS runs on every core
@@ -50,6 +52,14 @@ def openblas_functions(names):  # -> the first of names each loaded OpenBLAS exp
         library = ctypes.CDLL(path)
         found += [getattr(library, name) for name in names if hasattr(library, name)][:1]
     return found
+
+
+def openblas_kernels():  # -> the CPU whose kernels NumPy's OpenBLAS runs ("Haswell", "SkylakeX"), or None
+    # OpenBLAS picks them for the CPU it finds when it loads, unless the environment's OPENBLAS_CORETYPE names others
+    getters = openblas_functions(CORENAME_GETTERS)
+    for getter in getters:
+        getter.restype = ctypes.c_char_p
+    return getters[0]().decode() if getters else None
 
 
 def loaded_libraries(name_part):  # paths of the shared libraries this process has mapped whose name holds name_part

@@ -111,6 +111,17 @@ def test_a_cache_that_is_damaged_or_of_another_machine_is_measured_again(cached,
     assert json.loads(fresh_cache.read_text())["machine"] == machine.machine_key()
 
 
+def test_choices_made_with_other_openblas_kernels_are_measured_again(fresh_cache, monkeypatch):
+    # OPENBLAS_CORETYPE picks OpenBLAS's kernels when it loads: on an AMD EPYC with AVX-512 its Haswell kernels and
+    # its own pick (SkylakeX) ranked the forms differently, on the same CPU and NumPy
+    fresh_cache.parent.mkdir(parents=True)
+    fresh_cache.write_text(json.dumps(dict(PINNED_CHOICES, machine=machine.machine_key())))
+    monkeypatch.setattr(machine, "openblas_kernels", lambda: "other")
+    monkeypatch.setattr(machine, "measure", lambda: dict(PINNED_CHOICES, rows_form="transposed"))
+    assert machine.choices()["rows_form"] == "transposed" and "(other kernels)" in machine.machine_key()
+    assert json.loads(fresh_cache.read_text())["machine"] == machine.machine_key()
+
+
 def test_a_cache_that_cannot_be_written_still_gives_this_process_its_choices(fresh_cache, monkeypatch):
     fresh_cache.parent.parent.mkdir()
     fresh_cache.parent.write_text("a file where the folder would go")
