@@ -6,7 +6,8 @@ the checkpoint's [n_in, n_out], and 8 rows 10 % slower; on an Intel Xeon (AVX-51
 while 8 rows ran 1.5 times as fast with the weights stored [n_out, n_in] and the product asked for as w.T @ x.T
 (OpenBLAS then takes the 8 rows as its small dimension). No layout fixed in advance is right for every CPU, so the
 first load on a machine times each candidate on matrices of GPT-2 124M's shapes, larger together than a CPU's cache,
-and keeps the winner in ~/.cache/gpt2-numpy/machine.json (under XDG_CACHE_HOME if set), for this CPU and this NumPy.
+and keeps the winner in ~/.cache/gpt2-numpy/machine.json (under XDG_CACHE_HOME if set), for this CPU, this NumPy and
+its BLAS's kernels.
 """
 import json
 import os
