@@ -25,3 +25,12 @@ def keep_freed_memory():  # -> whether the C library took the setting
     # once either is set, glibc stops adjusting its thresholds by itself, so both are set, the mmap one first
     mmap_set = mallopt(M_MMAP_THRESHOLD, KEEP_BYTES) or mallopt(M_MMAP_THRESHOLD, GLIBC_MMAP_MAX)
     return bool(mmap_set) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_BYTES))
+
+
+def release_freed_memory():
+    """Hand the memory malloc keeps freed back to the system, from every thread's heap: after work whose temporaries
+    differ in size from what comes next, which could not reuse them and would add its own on top."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # no malloc_trim (macOS)
+        pass

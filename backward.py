@@ -12,9 +12,11 @@ import math
 
 import numpy as np
 
+import machine
 from errors import GPT2Error
+from memory import available_bytes
 from params import leaves, tree_map
-from threads import MIN_PART_ROWS, in_parts
+from threads import MIN_PART_ROWS, blas_threads, in_parts
 
 GELU_SCALE = math.sqrt(2 / math.pi)
 
@@ -263,29 +265,52 @@ def check_batch(inputs, targets, params):  # the mistakes a caller can make with
     return inputs, targets
 
 
-# Narrower than GPT-2's own sizes, a step spends most of its time in element-wise passes, which NumPy makes on one
-# core. There each core takes a part of the batch through its own forward and backward (with OpenBLAS on one thread
-# meanwhile), and the parts' gradients are summed. Measured on the Intel Xeon (2 cores): at 128 wide a step (batch
-# 12 x 64) 106 -> 75 ms, at 384 wide forward and backward (12 x 256) 2453 -> 1731 ms; but at 768 wide, GPT-2
-# 124M's, where the products take most of the step and lose more on one thread each than the passes gain, a step
-# 2492 -> 2623 ms (4 x 64), forward and backward 5935 -> 6070 ms (4 x 256)
-MAX_SPLIT_WIDTH = 384
+# On more than one core a batch can go two ways. Whole: OpenBLAS's threads share each product, and gelu's and
+# attention's passes are cut into parts by rows, but layer norm, softmax and the rest of the element-wise passes run
+# on one core. In parts: each core takes a part of the batch through its own forward and backward, with OpenBLAS on
+# one thread meanwhile, and the parts' gradients are summed; every pass then runs on all cores, each product on one,
+# and each part holds gradients of its own. Which is faster depends on the CPU and on how much of the step the
+# passes take against the products: parts took 0.71 of whole's time at 128 wide on the Intel Xeon and 0.84 on an
+# AMD EPYC (AVX-512), but at GPT-2 124M's shape 1.05 on the Xeon and 0.88 on the EPYC. So it is measured on the
+# first batch of each shape (machine.fastest), and remembered.
+def batch_parts(fn, inputs, targets, params, task, in_parts_of_batch, part_bytes=0):
+    """-> [(a part's rows, fn(its inputs, its targets)), ...]: over the whole batch at once, or in parts; which, as
+    in_parts_of_batch says (True or False), else (None) as this machine runs task at that shape fastest, if each
+    part after the first (which holds part_bytes more than the whole batch would) fits in memory."""
+    def over(min_part):
+        return lambda: in_parts(lambda rows: (rows.stop - rows.start, fn(inputs[rows], targets[rows])), len(inputs),
+                                min_part)
+
+    ways = {"whole": over(len(inputs)), "parts": over(1)}
+    if in_parts_of_batch is None:
+        in_parts_of_batch = (parts_fit(len(inputs), part_bytes)
+                             and machine.fastest(batch_task(task, inputs.shape, params), ways) == "parts")
+    return ways["parts" if in_parts_of_batch else "whole"]()
 
 
-def batch_parts(fn, inputs, targets, params):  # -> [(part's rows, fn(its inputs, its targets)), ...]
-    narrow = params["wte"].shape[1] <= MAX_SPLIT_WIDTH
-    return in_parts(lambda rows: (rows.stop - rows.start, fn(inputs[rows], targets[rows])), len(inputs),
-                    min_part=1 if narrow else len(inputs))
+def batch_task(task, batch_shape, params):  # -> task at a batch of [n_batch, n_seq], named for the cache with all
+    # that its time depends on
+    return (f"{task}, batch {batch_shape[0]} x {batch_shape[1]}, {len(params['blocks'])} layers "
+            f"{params['wte'].shape[1]} wide, {params['wte'].shape[0]} tokens, {blas_threads()} threads")
 
 
-def loss(inputs, targets, params, n_head):  # [n_batch, n_seq] x 2 -> mean cross-entropy, a float
+def parts_fit(n_batch, part_bytes):  # -> whether a batch of n_batch rows can go in parts, their extra bytes at most
+    # half the memory still free: the rest is left for the step's other temporaries
+    n_parts, available = min(blas_threads(), n_batch), available_bytes()
+    return n_parts > 1 and (available is None or 2 * (n_parts - 1) * part_bytes <= available)
+
+
+def loss(inputs, targets, params, n_head, in_parts_of_batch=None):  # [n_batch, n_seq] x 2 -> mean cross-entropy
     inputs, targets = check_batch(inputs, targets, params)
     parts = batch_parts(lambda inputs, targets: gpt2_forward(inputs, targets, **params, n_head=n_head,
-                                                             for_backward=False)[0], inputs, targets, params)
+                                                             for_backward=False)[0], inputs, targets, params,
+                        "loss", in_parts_of_batch)
     return sum(n_rows * part_loss for n_rows, part_loss in parts) / len(inputs)
 
 
-def loss_and_grads(inputs, targets, params, n_head):  # [n_batch, n_seq] x 2 -> mean loss, grads shaped as params
+def loss_and_grads(inputs, targets, params, n_head, in_parts_of_batch=None):
+    """[n_batch, n_seq] x 2 -> the mean loss, a float, and its gradients, shaped as params. in_parts_of_batch: the
+    batch in parts, one on each core (True), or whole (False); None: as this machine runs it fastest."""
     inputs, targets = check_batch(inputs, targets, params)
 
     def part_loss_and_grads(inputs, targets):
@@ -295,7 +320,9 @@ def loss_and_grads(inputs, targets, params, n_head):  # [n_batch, n_seq] x 2 -> 
         gpt2_backward(grads, saved, inputs, targets, **params, n_head=n_head)
         return loss_value, grads
 
-    parts = batch_parts(part_loss_and_grads, inputs, targets, params)
+    # each part's gradients are a float32 tree of their own
+    parts = batch_parts(part_loss_and_grads, inputs, targets, params, "loss and gradients", in_parts_of_batch,
+                        part_bytes=sum(a.size * 4 for _, a in leaves(params)))
     if len(parts) == 1:
         return parts[0][1]
     # each part's loss and gradients are means over its rows: the batch's are their means weighted by rows

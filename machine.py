@@ -8,8 +8,12 @@ while 8 rows ran 1.5 times as fast with the weights stored [n_out, n_in] and the
 first load on a machine times each candidate on matrices of GPT-2 124M's shapes, larger together than a CPU's cache,
 and keeps the winner in ~/.cache/gpt2-numpy/machine.json (under XDG_CACHE_HOME if set), for this CPU, this NumPy and
 its BLAS's kernels.
+
+Other work that can be done more than one way is timed the same way, once per shape, the first time it is asked for
+(fastest), and its winner kept in the same file.
 """
 import json
+import math
 import os
 import platform
 import statistics
@@ -18,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from allocator import release_freed_memory
 from files import write_text_atomically
 from threads import openblas_kernels
 
@@ -48,6 +53,7 @@ TIMED_SHAPES = [(768, 2304), (768, 768), (768, 3072), (3072, 768)] * 8
 TIMED_ROWS = 8  # a batch's rows, or a short prompt's
 MANY_ROWS = 32  # a prompt's, or an uncached sequence's: where OpenBLAS's product as written may be back in front
 N_ROUNDS = 3  # the candidates run in turn, round after round, and each keeps its median: drift hits all alike
+N_TRIALS = 2  # fastest's ways, each its least time of two: a way's first run also pays for touching new memory
 
 _choices = None  # this process's, once read or measured
 
@@ -75,26 +81,55 @@ def choices():
     serves, ...}: this machine's, from the cache, else measured (about a second, once) and kept there."""
     global _choices
     if _choices is None:
-        key = machine_key()
-        try:
-            cached = json.loads(cache_path().read_text())
-        except (OSError, ValueError, RecursionError):
-            cached = None
-        if isinstance(cached, dict) and cached.get("machine") == key and valid(cached):
-            _choices = cached
-        else:
-            _choices = dict(measure(), machine=key)
-            try:
-                cache_path().parent.mkdir(parents=True, exist_ok=True)
-                write_text_atomically(cache_path(), json.dumps(_choices, indent=2) + "\n")
-            except OSError:  # a read-only home: the choices hold for this process, and are measured again next time
-                pass
+        _choices = cached_choices()
+        if _choices is None:
+            _choices = dict(measure(), machine=machine_key())
+            keep(_choices)
     return _choices
 
 
+def cached_choices():  # -> the cache's choices if they are valid and this machine's, else None
+    try:
+        cached = json.loads(cache_path().read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    return cached if isinstance(cached, dict) and cached.get("machine") == machine_key() and valid(cached) else None
+
+
+def keep(chosen):  # writes the choices to the cache
+    try:
+        cache_path().parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomically(cache_path(), json.dumps(chosen, indent=2) + "\n")
+    except OSError:  # a read-only home: the choices hold for this process, and are measured again next time
+        pass
+
+
 def valid(cached):
+    fastest_ways = cached.get("fastest", {})
     return (cached.get("layout") in (CHECKPOINT, TRANSPOSED) and cached.get("rows_form") in ROWS_FORMS
-            and cached.get("most_rows") in (2 * TIMED_ROWS, MANY_ROWS))
+            and cached.get("most_rows") in (2 * TIMED_ROWS, MANY_ROWS) and isinstance(fastest_ways, dict)
+            and all(isinstance(way, str) for way in fastest_ways.values()))
+
+
+def fastest(task, ways):
+    """The name of the fastest of ways ({name: a function of no arguments}, each doing the same work) at task (a
+    text naming that work and what its time depends on, such as its shapes) on this machine: measured the first
+    time it is asked for, each way run N_TRIALS times in turn and its least time kept, then remembered in the cache
+    (at GPT-2 124M's training step, about four seconds, once)."""
+    chosen = choices().setdefault("fastest", {})
+    if chosen.get(task) not in ways:  # another process may have measured it since this one read the cache
+        chosen.update((cached_choices() or {}).get("fastest", {}))
+    if chosen.get(task) not in ways:
+        seconds = dict.fromkeys(ways, math.inf)
+        for _ in range(N_TRIALS):
+            for name, way in ways.items():
+                started = time.perf_counter()
+                way()
+                seconds[name] = min(seconds[name], time.perf_counter() - started)
+                release_freed_memory()  # a way's freed temporaries, kept for reuse, would add to the next one's
+        chosen[task] = min(seconds, key=seconds.get)
+        keep(choices())
+    return chosen[task]
 
 
 def measure(shapes=TIMED_SHAPES):

@@ -25,17 +25,18 @@ def n_params(hparams):  # the weights of a GPT-2 of these hyperparameters, as ma
     return (hparams["n_vocab"] + hparams["n_ctx"]) * n_embd + hparams["n_layer"] * per_block + 2 * n_embd
 
 
-def training_bytes(hparams, batch_size, block_size, n_micro):
-    """-> (the bytes a training step takes at its peak; of those, the weights' and AdamW's, and a batch's
-    activations)."""
-    state, activations = model_state_bytes(hparams, n_micro), activation_bytes(hparams, batch_size, block_size)
+def training_bytes(hparams, batch_size, block_size, n_micro, n_parts=1):
+    """-> (the bytes a training step takes at its peak, with its batch in n_parts parts; of those, the weights' and
+    AdamW's, and a batch's activations)."""
+    state = model_state_bytes(hparams, n_micro, n_parts)
+    activations = activation_bytes(hparams, batch_size, block_size)
     return round((state + activations) * HEAP_SLACK) + RUNTIME_BYTES, state, activations
 
 
-def model_state_bytes(hparams, n_micro):
-    """The weights, their gradients (twice with gradient accumulation: the sum and a micro-batch's) and AdamW's two
-    moments, all float32."""
-    return n_params(hparams) * (5 if n_micro > 1 else 4) * FLOAT32
+def model_state_bytes(hparams, n_micro, n_parts=1):
+    """The weights, their gradients (twice with gradient accumulation: the sum and a micro-batch's; and once more
+    for each part of a batch in parts after the first) and AdamW's two moments, all float32."""
+    return n_params(hparams) * (4 + (n_micro > 1) + n_parts - 1) * FLOAT32
 
 
 def activation_bytes(hparams, batch_size, block_size):
@@ -82,8 +83,9 @@ def proc_fields(path):  # -> {name: bytes} of the "Name:   123 kB" lines of a /p
 
 
 def check_fits(hparams, batch_size, block_size, n_micro, shape_flags):
-    """A GPT2Error, before anything is allocated, if a training step of this shape needs more memory than there is;
-    it names the flags that lower it (shape_flags: n_embd and n_layer too, for a model trained from scratch)."""
+    """A GPT2Error, before anything is allocated, if a training step of this shape needs more memory than there is
+    with its batch whole (it goes in parts only where their gradients fit besides: backward.batch_parts); it names
+    the flags that lower it (shape_flags: n_embd and n_layer too, for a model trained from scratch)."""
     needed, state, activations = training_bytes(hparams, batch_size, block_size, n_micro)
     available = available_bytes()
     if available is None or needed <= available:

@@ -41,9 +41,11 @@ SHAPES = {
 
 
 # Nothing listens on port 1: a command that tries to download fails at once instead of reaching the network.
-# Every run of the suite takes the same paths on any CPU, and none spends a second measuring: machine.py's choices
-# are pinned in a cache of the session's own, to the layout and form with the most to go wrong (test_machine.py
-# measures for real, and holds every layout and form against the others)
+# Every run of the suite takes the same paths through the products on any CPU, and none spends a second measuring:
+# machine.py's choices are pinned in a cache of the session's own, to the layout and form with the most to go wrong
+# (test_machine.py measures for real, and holds every layout and form against the others). A training batch's way,
+# whole or in parts, is measured per shape, as a user's is, in milliseconds at the tests' shapes; the gradient tests
+# hold both ways against autograd.
 PINNED_CHOICES = {"layout": machine.TRANSPOSED, "rows_form": "blocks", "most_rows": machine.MANY_ROWS}
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="gpt2-numpy-tests-")
 atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
@@ -261,6 +263,20 @@ def hf_gpt2(hparams, params):
     return model
 
 
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):  # machine.py with nothing measured or remembered yet -> its cache file
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(machine, "_choices", None)
+    return machine.cache_path()
+
+
+@pytest.fixture
+def pinned_cache(fresh_cache):  # a fresh cache holding the pinned choices, and no task's fastest way -> its file
+    fresh_cache.parent.mkdir(parents=True)
+    fresh_cache.write_text(json.dumps(dict(PINNED_CHOICES, machine=machine.machine_key())))
+    return fresh_cache
+
+
 @pytest.fixture(scope="session")
 def hf_model(fixture_model):
     """hf_model(name) -> the reference GPT2LMHeadModel for fixture_model(name), built once."""
@@ -273,8 +289,8 @@ def hf_model(fixture_model):
 
 
 # The shapes the training tests use: SHAPES with their wide random weights, and the byte-level baby GPT's kind
-# (a vocabulary of 257) with GPT-2's own initialisation, the weights training starts from; broad is wider than
-# backward.MAX_SPLIT_WIDTH, so its batch is not split, but its passes are.
+# (a vocabulary of 257) with GPT-2's own initialisation, the weights training starts from; broad is wide enough
+# for gelu's passes to go in parts by rows when its batch goes whole.
 TRAIN_SHAPES = dict(SHAPES, byte=dict(n_vocab=257, n_ctx=64, n_embd=64, n_head=4, n_layer=2),
                     broad=dict(n_vocab=257, n_ctx=64, n_embd=512, n_head=8, n_layer=1))
 

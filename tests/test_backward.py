@@ -4,24 +4,28 @@ Both sides compute in float32. Every gradient tensor must be within 1e-5 of auto
 element: the gradients here are up to about 0.4 in size, and float32 keeps 7 digits, so sums over a few hundred
 positions honestly differ by about 1e-6 (the largest difference seen is 1.4e-6), ten times inside the bound.
 """
+import json
+
 import numpy as np
 import pytest
 import torch
 
+import backward
 from backward import loss, loss_and_grads
 from errors import GPT2Error
 from conftest import GRAD_ATOL, GRADIENT_CASES as CASES, LOSS_RTOL, batch, torch_loss_and_grads
 from params import hf_name, layout, leaves, tree_map
 
+@pytest.mark.parametrize("in_parts_of_batch", [True, False], ids=["batch in parts", "batch whole"])
 @pytest.mark.parametrize("case", CASES)
-def test_loss_and_every_gradient_equal_pytorch_autograd(case, training_reference, blas_threads):
+def test_loss_and_every_gradient_equal_pytorch_autograd(case, in_parts_of_batch, training_reference, blas_threads):
     name, n_batch, n_seq, n_ids = CASES[case]
-    blas_threads(2)  # in parts on two threads: the batch's rows where narrow, the passes' rows where broad
+    blas_threads(2)  # on two threads: the batch's rows in parts, or the batch whole and its passes' rows in parts
     hparams, params, model = training_reference(name)
     inputs, targets = batch(hparams, n_batch, n_seq, n_ids)
     expected_loss, expected = torch_loss_and_grads(model, inputs, targets)
 
-    ours_loss, grads = loss_and_grads(inputs, targets, params, hparams["n_head"])
+    ours_loss, grads = loss_and_grads(inputs, targets, params, hparams["n_head"], in_parts_of_batch)
     assert isinstance(ours_loss, float)
     assert abs(ours_loss - expected_loss) <= LOSS_RTOL * expected_loss
     assert tree_map(np.shape, grads) == layout(hparams)
@@ -29,7 +33,32 @@ def test_loss_and_every_gradient_equal_pytorch_autograd(case, training_reference
     for path, grad in leaves(grads):
         assert grad.dtype == np.float32 and grad.flags.c_contiguous, path
         assert np.abs(grad - expected[hf_name(path)]).max() <= GRAD_ATOL, path
-    assert loss(inputs, targets, params, hparams["n_head"]) == ours_loss
+    assert loss(inputs, targets, params, hparams["n_head"], in_parts_of_batch) == ours_loss
+
+
+def test_a_batch_goes_the_way_measured_fastest_here_and_the_measuring_call_gives_that_ways_result(
+        pinned_cache, training_reference, blas_threads):
+    blas_threads(2)
+    hparams, params, _ = training_reference("byte")
+    inputs, targets = batch(hparams, 4, 64)
+    measured_loss, measured = loss_and_grads(inputs, targets, params, hparams["n_head"])
+    (task, way), = json.loads(pinned_cache.read_text())["fastest"].items()
+    assert task == "loss and gradients, batch 4 x 64, 2 layers 64 wide, 257 tokens, 2 threads"
+    again_loss, again = loss_and_grads(inputs, targets, params, hparams["n_head"], in_parts_of_batch=way == "parts")
+    assert measured_loss == again_loss
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(leaves(measured), leaves(again)))
+
+
+@pytest.mark.parametrize("why", ["one thread", "one row", "too little memory for a second part's gradients"])
+def test_a_batch_that_cannot_go_in_parts_goes_whole_without_measuring(why, pinned_cache, training_reference,
+                                                                     blas_threads, monkeypatch):
+    hparams, params, _ = training_reference("byte")
+    blas_threads(1 if why == "one thread" else 2)
+    gradient_bytes = sum(a.nbytes for _, a in leaves(params))
+    monkeypatch.setattr(backward, "available_bytes", lambda: 2 * gradient_bytes - 1 if why.startswith("too") else None)
+    inputs, targets = batch(hparams, 1 if why == "one row" else 4, 64)
+    loss_and_grads(inputs, targets, params, hparams["n_head"])
+    assert "fastest" not in json.loads(pinned_cache.read_text())
 
 
 def test_tied_wte_gradient_is_the_embeddings_part_plus_the_projections(training_reference):

@@ -2,6 +2,7 @@
 the choices are measured once per machine and remembered."""
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -79,13 +80,6 @@ def test_the_checkpoint_layout_writes_no_copy_and_the_transposed_one_does(choose
         assert (folder / FAST_LAYOUT_FILE).exists() == written
 
 
-@pytest.fixture
-def fresh_cache(tmp_path, monkeypatch):  # machine.py with nothing measured or remembered yet -> its cache file
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(machine, "_choices", None)
-    return machine.cache_path()
-
-
 def test_the_first_use_measures_this_machine_and_later_ones_remember_it(fresh_cache, monkeypatch):
     chosen = machine.choices()
     assert machine.valid(chosen) and chosen["machine"] == machine.machine_key()
@@ -101,6 +95,7 @@ def test_the_first_use_measures_this_machine_and_later_ones_remember_it(fresh_ca
     json.dumps({"layout": "sideways", "rows_form": "plain", "most_rows": machine.MANY_ROWS}),
     json.dumps({"layout": machine.TRANSPOSED, "rows_form": "blocks"}),  # from before most_rows was measured
     json.dumps(dict(PINNED_CHOICES, machine="another CPU; 2 cores; NumPy 1.0; OpenBLAS 0.1")),
+    json.dumps(dict(PINNED_CHOICES, machine=machine.machine_key(), fastest={"a task": ["parts"]})),
 ])
 def test_a_cache_that_is_damaged_or_of_another_machine_is_measured_again(cached, fresh_cache, monkeypatch):
     fresh_cache.parent.mkdir(parents=True)
@@ -127,3 +122,21 @@ def test_a_cache_that_cannot_be_written_still_gives_this_process_its_choices(fre
     fresh_cache.parent.write_text("a file where the folder would go")
     monkeypatch.setattr(machine, "measure", lambda: dict(PINNED_CHOICES))
     assert machine.choices()["rows_form"] == "blocks"
+
+
+def test_fastest_runs_each_way_in_turn_once_per_task_and_remembers_the_fastest(pinned_cache, monkeypatch):
+    runs = []
+    ways = {"slow": lambda: runs.append("slow") or time.sleep(0.02), "quick": lambda: runs.append("quick")}
+    assert machine.fastest("a task at one shape", ways) == "quick"
+    assert runs == ["slow", "quick"] * machine.N_TRIALS
+    assert json.loads(pinned_cache.read_text())["fastest"] == {"a task at one shape": "quick"}
+    monkeypatch.setattr(machine, "_choices", None)  # as in a new process
+    assert machine.fastest("a task at one shape", ways) == "quick" and len(runs) == 2 * machine.N_TRIALS
+    assert machine.fastest("a task at another shape", ways) == "quick" and len(runs) == 4 * machine.N_TRIALS
+
+
+def test_fastest_takes_a_way_another_process_measured_after_this_one_read_the_cache(pinned_cache):
+    machine.choices()
+    pinned_cache.write_text(json.dumps(dict(PINNED_CHOICES, machine=machine.machine_key(), fastest={"a task": "b"})))
+    unmeasured = {"a": lambda: pytest.fail("measured again"), "b": lambda: pytest.fail("measured again")}
+    assert machine.fastest("a task", unmeasured) == "b"
