@@ -68,12 +68,19 @@ def machine_key():  # -> what the choices depend on: the CPU, how many cores, Nu
             f"({openblas_kernels() or 'unknown'} kernels)")
 
 
-def cpu_name():
+def cpu_name(cpuinfo="/proc/cpuinfo"):  # -> the CPU's name, with its family and model where the system gives them
+    # a virtual machine may name different CPUs alike ("Intel(R) Xeon(R) Processor" for models 167 and 207), and
+    # they rank the forms differently
     try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    except (OSError, StopIteration):
+        with open(cpuinfo) as lines:
+            fields = dict(line.split(":", 1) for line in lines if ":" in line and line.strip())
+    except OSError:
+        fields = {}
+    fields = {name.strip(): value.strip() for name, value in fields.items()}
+    if "model name" not in fields:
         return platform.processor() or platform.machine()
+    model = ", ".join(f"{name} {fields[name]}" for name in ("cpu family", "model") if name in fields)
+    return f"{fields['model name']} ({model})" if model else fields["model name"]
 
 
 def choices():

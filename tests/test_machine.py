@@ -117,6 +117,19 @@ def test_choices_made_with_other_openblas_kernels_are_measured_again(fresh_cache
     assert json.loads(fresh_cache.read_text())["machine"] == machine.machine_key()
 
 
+def test_cpus_that_share_a_name_but_not_a_model_are_told_apart(tmp_path):
+    # a virtual machine named two Xeons, which ranked the forms differently, alike
+    def name_of(model):
+        cpuinfo = tmp_path / f"cpuinfo-{model}"
+        cpuinfo.write_text("".join(f"processor\t: {n}\ncpu family\t: 6\nmodel\t\t: {model}\n"
+                                   f"model name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu avx512f\n\n"
+                                   for n in range(2)))
+        return machine.cpu_name(cpuinfo)
+
+    assert name_of(167) == "Intel(R) Xeon(R) Processor (cpu family 6, model 167)"
+    assert name_of(207) != name_of(167)
+
+
 def test_a_cache_that_cannot_be_written_still_gives_this_process_its_choices(fresh_cache, monkeypatch):
     fresh_cache.parent.parent.mkdir()
     fresh_cache.parent.write_text("a file where the folder would go")
