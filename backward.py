@@ -14,7 +14,7 @@ import numpy as np
 
 import machine
 from errors import GPT2Error
-from memory import available_bytes
+from memory import FLOAT32, available_bytes
 from params import leaves, tree_map
 from threads import MIN_PART_ROWS, blas_threads, in_parts
 
@@ -322,7 +322,7 @@ def loss_and_grads(inputs, targets, params, n_head, in_parts_of_batch=None):
 
     # each part's gradients are a float32 tree of their own
     parts = batch_parts(part_loss_and_grads, inputs, targets, params, "loss and gradients", in_parts_of_batch,
-                        part_bytes=sum(a.size * 4 for _, a in leaves(params)))
+                        part_bytes=sum(a.size * FLOAT32 for _, a in leaves(params)))
     if len(parts) == 1:
         return parts[0][1]
     # each part's loss and gradients are means over its rows: the batch's are their means weighted by rows

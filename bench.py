@@ -490,8 +490,9 @@ def train_ours(spec):
 
     timed = time_train_steps(spec, step)
     task = batch_task("loss and gradients", (spec["n_batch"], spec["n_seq"]), params)
-    way = machine.choices().get("fastest", {}).get(task, "whole")  # a batch that cannot go in parts is not measured
-    return dict(timed, detail=f"the batch {'in parts' if way == 'parts' else 'whole'}, as measured fastest here")
+    way = machine.choices().get("fastest", {}).get(task)  # None: the batch could not go in parts, so went whole
+    return dict(timed, detail={"parts": "the batch in parts, as measured fastest here",
+                               "whole": "the batch whole, as measured fastest here"}.get(way, "the batch whole"))
 
 
 def train_torch(spec):

@@ -73,10 +73,10 @@ def cpu_name(cpuinfo="/proc/cpuinfo"):  # -> the CPU's name, with its family and
     # they rank the forms differently
     try:
         with open(cpuinfo) as lines:
-            fields = dict(line.split(":", 1) for line in lines if ":" in line and line.strip())
+            fields = {name.strip(): value.strip()
+                      for name, value in (line.split(":", 1) for line in lines if ":" in line)}
     except OSError:
         fields = {}
-    fields = {name.strip(): value.strip() for name, value in fields.items()}
     if "model name" not in fields:
         return platform.processor() or platform.machine()
     model = ", ".join(f"{name} {fields[name]}" for name in ("cpu family", "model") if name in fields)
