@@ -282,6 +282,9 @@ def batch_parts(fn, inputs, targets, params, task, in_parts_of_batch, part_bytes
                                 min_part)
 
     ways = {"whole": over(len(inputs)), "parts": over(1)}
+    if not (in_parts_of_batch is None or isinstance(in_parts_of_batch, (bool, np.bool_))):
+        raise GPT2Error(f"in_parts_of_batch must be True, False or None (as measured fastest here), "
+                        f"got {in_parts_of_batch!r}")
     if in_parts_of_batch is None:
         in_parts_of_batch = (parts_fit(len(inputs), part_bytes)
                              and machine.fastest(batch_task(task, inputs.shape, params), ways) == "parts")

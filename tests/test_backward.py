@@ -124,6 +124,14 @@ def test_a_bad_batch_is_a_clear_error(inputs, targets, message, training_referen
             fn(inputs, targets, params, hparams["n_head"])
 
 
+def test_a_way_of_the_batch_that_is_not_true_false_or_none_is_a_clear_error(training_reference):
+    hparams, params, _ = training_reference("tiny")
+    inputs, targets = batch(hparams, 2, 8)
+    for fn in (loss, loss_and_grads):
+        with pytest.raises(GPT2Error, match="in_parts_of_batch must be True, False or None .*got 'parts'"):
+            fn(inputs, targets, params, hparams["n_head"], in_parts_of_batch="parts")
+
+
 def test_gelu_and_its_gradient_are_as_accurate_as_pytorchs_own_in_float32():
     # from far left (where exp(-2u) would overflow) to far right, against Hugging Face's gelu_new in float64
     import warnings
