@@ -429,24 +429,27 @@ def write_out(text, flush=False):  # text to stdout: exactly as it is, but escap
 def target_logprobs(x, targets, wte, chunk=256):  # [n, n_embd], [n] -> [n] log p(target) under softmax(x @ wte.T)
     # Each row needs only its target's logit and the log of its sum of exponentials, in float32 as the logits are:
     # a float64 log-softmax over the whole vocabulary would cost more than the model. Rows go a block at a time,
-    # so the logits in memory stay [chunk, n_vocab]; the product of a block on OpenBLAS's threads, its passes in
-    # parts, one per core (products in parts too took 100 MiB more at 124M, each part a block and OpenBLAS's
-    # working memory for it, for 60 ms of 2.2 s)
-    logprobs = []
-    for begin in range(0, len(x), chunk):
-        logits = x[begin : begin + chunk] @ wte.T  # [chunk, n_vocab]: as many rows as scored, most often a chunk
-        block_targets = targets[begin : begin + len(logits)]
+    # so the logits in memory stay [chunk, n_vocab]
+    return np.concatenate([block_logprobs(x[begin : begin + chunk], targets[begin : begin + chunk], wte)
+                           for begin in range(0, len(x), chunk)])
 
-        def part(rows):
-            part_logits = logits[rows]
-            target = part_logits[np.arange(len(part_logits)), block_targets[rows]]
-            peak = np.max(part_logits, axis=-1)
-            part_logits -= peak[:, None]
-            np.exp(part_logits, out=part_logits)
-            return (target - peak).astype(np.float64) - np.log(np.sum(part_logits, axis=-1))
 
-        logprobs += in_parts(part, len(logits), MIN_PART_ROWS)
-    return np.concatenate(logprobs)
+def block_logprobs(x, targets, wte):  # [n, n_embd], [n] -> [n] log p(target) under softmax(x @ wte.T)
+    # A function of its own, so that a block's logits are freed before the next block's are made: a loop's
+    # variable would keep them alive until then, two blocks at once (49 MiB more at GPT-2's vocabulary).
+    # The product on OpenBLAS's threads, its passes in parts, one per core (products in parts too took 100 MiB
+    # more at 124M, each part a block and OpenBLAS's working memory for it, for 60 ms of 2.2 s)
+    logits = x @ wte.T  # [n, n_vocab]
+
+    def part(rows):
+        part_logits = logits[rows]
+        target = part_logits[np.arange(len(part_logits)), targets[rows]]
+        peak = np.max(part_logits, axis=-1)
+        part_logits -= peak[:, None]
+        np.exp(part_logits, out=part_logits)
+        return (target - peak).astype(np.float64) - np.log(np.sum(part_logits, axis=-1))
+
+    return np.concatenate(in_parts(part, len(logits), MIN_PART_ROWS))
 
 
 READ_BYTES = 1 << 16  # how much of a text to score is read at a time: 64 KiB take the tokenizer milliseconds

@@ -1,5 +1,6 @@
 """Sampling, streaming, stop strings and scoring: the controls beyond greedy decoding."""
 import ast
+import tracemalloc
 import unicodedata
 
 import numpy as np
@@ -179,6 +180,20 @@ def test_log_probabilities_of_many_rows_in_parts_on_two_threads_equal_torchs_log
     logprobs = gpt2.target_logprobs(x, targets, wte)  # a block of 256 rows in two parts, then one of 44
     expected = torch.log_softmax(torch.from_numpy(x).double() @ torch.from_numpy(wte).double().T, dim=-1)
     np.testing.assert_allclose(logprobs, expected[np.arange(300), targets].numpy(), rtol=0, atol=1e-4)
+
+
+def test_log_probabilities_hold_one_block_of_logits_at_a_time():
+    rng = np.random.default_rng(0)
+    x, wte = rng.standard_normal((3 * 256, 64), np.float32), rng.standard_normal((5000, 64), np.float32)
+    targets = rng.integers(0, 5000, len(x))
+    block_bytes = 256 * len(wte) * 4
+    tracemalloc.start()
+    try:
+        gpt2.target_logprobs(x, targets, wte, chunk=256)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert block_bytes < peak < 1.5 * block_bytes, (peak, block_bytes)
 
 
 def test_scoring_a_single_token_is_a_clear_error(tiny):
