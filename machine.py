@@ -33,9 +33,8 @@ CHECKPOINT, TRANSPOSED = "checkpoint", "transposed"
 
 def in_blocks(x, w):  # (w.T @ x.T).T with w.T cut into blocks of n_in rows, a product each
     # each block's product keeps OpenBLAS's working memory small: the vocabulary's whole [n_vocab, n_embd] at once
-    # took 52 MB more of it for a batch, in blocks 9 MB, and ran a fifth faster. The blocks are cut from a plain
-    # ndarray view of w: a weight mapped from its file is an np.memmap, whose every slice runs Python hooks
-    stored, n_in = np.asarray(w).T, w.shape[0]
+    # took 52 MB more of it for a batch, in blocks 9 MB, and ran a fifth faster
+    stored, n_in = w.T, w.shape[0]
     return np.concatenate([stored[i : i + n_in] @ x.T for i in range(0, len(stored), n_in)]).T
 
 

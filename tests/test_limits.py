@@ -16,7 +16,7 @@ import prepare
 import shakespeare
 import train_state
 import utils
-from conftest import OFFLINE, ROOT, assert_clean_error, files, run_script, tiny_run_args
+from conftest import OFFLINE, ROOT, assert_clean_error, files, mapped_file, run_script, tiny_run_args
 from encoder import byte_level_encoder
 from errors import GPT2Error
 from fast_layout import FAST_LAYOUT_FILE
@@ -185,7 +185,7 @@ def test_a_fast_layout_the_disk_has_no_room_for_loads_in_the_checkpoints_layout_
     assert not (out_dir / FAST_LAYOUT_FILE).exists() and temporaries(out_dir) == []
     for (_, array), (_, expected) in zip(leaves(loaded), leaves(params)):
         assert np.array_equal(array, expected)
-        assert os.path.samefile(array.filename, out_dir / "model.safetensors")
+        assert os.path.samefile(mapped_file(array), out_dir / "model.safetensors")
 
 
 def test_the_shakespeare_text_on_a_full_disk_keeps_the_previous_file(tmp_path, full_disk, monkeypatch):

@@ -16,7 +16,7 @@ import fast_layout
 import utils
 from checkpoint import read_tf_index
 from params import leaves, openai_name
-from conftest import ROOT, SHAPES, flip_byte, make_params, tf_variables, write_openai_checkpoint
+from conftest import ROOT, SHAPES, flip_byte, make_params, mapped_file, tf_variables, write_openai_checkpoint
 from errors import GPT2Error
 from utils import load_encoder_hparams_and_params
 
@@ -109,7 +109,7 @@ def test_each_fixture_loads_bit_for_bit(name, fixture_model, tmp_path, checkpoin
     # Zero-copy: each array is a view of the memory-mapped fast-layout file the first load wrote, not a copy.
     assert crc_passes(checkpoint_loads) == [True]
     for _, array in leaves(loaded):
-        assert os.path.samefile(array.filename, model_dir / fast_layout.FAST_LAYOUT_FILE)
+        assert os.path.samefile(mapped_file(array), model_dir / fast_layout.FAST_LAYOUT_FILE)
 
 
 def test_a_models_dir_folder_loads_as_its_hparams_say_without_downloading(fixture_model, tmp_path, monkeypatch):
@@ -377,7 +377,7 @@ def fast_layout_loads(monkeypatch):
 def assert_fast_layout(params, model_dir):
     """Every array a view of the fast-layout file; each weight [n_in, n_out] the transpose of a stored [n_out, n_in]."""
     for path, array in leaves(params):
-        assert os.path.samefile(array.filename, model_dir / fast_layout.FAST_LAYOUT_FILE), path
+        assert os.path.samefile(mapped_file(array), model_dir / fast_layout.FAST_LAYOUT_FILE), path
         assert (array.T if path[-1] == "w" else array).flags.c_contiguous, path
 
 
@@ -450,4 +450,4 @@ def test_a_folder_the_fast_layout_cannot_be_written_to_loads_in_the_checkpoints_
     _, _, loaded = load_encoder_hparams_and_params(model_dir=tiny_dir)
     assert_same_params(loaded, fixture_model("tiny")[2])
     assert not (tiny_dir / fast_layout.FAST_LAYOUT_FILE).exists()
-    assert all(os.path.samefile(array.filename, tiny_dir / DATA) for _, array in leaves(loaded))
+    assert all(os.path.samefile(mapped_file(array), tiny_dir / DATA) for _, array in leaves(loaded))
