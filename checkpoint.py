@@ -1,7 +1,7 @@
 """Read GPT-2 checkpoints with nothing but NumPy: TensorFlow's tensor bundles and safetensors files.
 
 Both formats are parsed by hand from their bytes; tensors come back as read-only views of a memory map (plain
-ndarrays: see mapped).
+ndarrays: see _mapped).
 """
 import collections
 import functools
@@ -182,7 +182,7 @@ def load_tf_checkpoint(prefix, names=None, verify_crc=False):
             )
     if not file_size:  # mmap cannot map an empty file, and no real checkpoint has one
         raise GPT2Error(f"{path} is empty: the download is incomplete, delete the file and download it again")
-    data = mapped(path)
+    data = _mapped(path)
     tensors = {}
     for name, entry in entries.items():
         raw = data[entry.offset : entry.offset + entry.size]
@@ -194,7 +194,7 @@ def load_tf_checkpoint(prefix, names=None, verify_crc=False):
     return tensors
 
 
-def mapped(path):  # -> the bytes of the file at path, read-only: a plain ndarray view of a memory map of it
+def _mapped(path):  # -> the bytes of the file at path, read-only: a plain ndarray view of a memory map of it
     # not the np.memmap itself: its Python hooks run on every view of its arrays and every product with them (a
     # weight's .T took 0.7 µs instead of 0.07, a one-row product 1.7 µs more); the view keeps the map alive
     return np.asarray(np.memmap(path, np.uint8, mode="r"))
@@ -367,7 +367,7 @@ def damaged_tensor(path):
 
 
 def _raw_tensors(path, header, data_start):  # -> name -> the tensor's bytes, a view of a memory map of the file
-    data = mapped(path)  # the whole file: never empty, unlike its data part
+    data = _mapped(path)  # the whole file: never empty, unlike its data part
     return {name: data[data_start + info["data_offsets"][0] : data_start + info["data_offsets"][1]]
             for name, info in header.items()}
 
