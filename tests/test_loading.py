@@ -110,7 +110,8 @@ def test_each_fixture_loads_bit_for_bit(name, fixture_model, tmp_path, checkpoin
     # and not an np.memmap, whose hooks would run on every product
     assert crc_passes(checkpoint_loads) == [True]
     for _, array in leaves(loaded):
-        assert type(array) is np.ndarray and os.path.samefile(mapped_file(array), model_dir / fast_layout.FAST_LAYOUT_FILE)
+        assert type(array) is np.ndarray
+        assert os.path.samefile(mapped_file(array), model_dir / fast_layout.FAST_LAYOUT_FILE)
 
 
 def test_a_models_dir_folder_loads_as_its_hparams_say_without_downloading(fixture_model, tmp_path, monkeypatch):
