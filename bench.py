@@ -236,7 +236,7 @@ def write_gguf(spec):
     writer.add_tokenizer_pre("gpt-2")
     writer.add_token_list(sorted(vocab, key=vocab.get))
     writer.add_token_types([gguf.TokenType.NORMAL] * len(vocab))
-    writer.add_token_merges([f"{first} {second}" for first, second in encoder.bpe_ranks])
+    writer.add_token_merges(list(encoder.bpe_ranks))
     tensors = {"token_embd.weight": params["wte"], "position_embd.weight": params["wpe"],  # output: tied to wte
                "output_norm.weight": params["ln_f"]["g"], "output_norm.bias": params["ln_f"]["b"]}
     for i, block in enumerate(params["blocks"]):

@@ -156,7 +156,9 @@ def decode_utf8(utf8, piece, offset, text_path):
 
 def tokenizer_digest(encoder):
     """A fingerprint of the tokenizer's vocabulary and merges: token files made by another are not reused."""
-    return hashlib.sha256(json.dumps([encoder.encoder, list(encoder.bpe_ranks)]).encode()).hexdigest()
+    # each merge as its pair of tokens: the fingerprint token files made before the merges were kept as lines have
+    merges = [merge.split(" ") for merge in encoder.bpe_ranks]
+    return hashlib.sha256(json.dumps([encoder.encoder, merges]).encode()).hexdigest()
 
 
 def prepare(text_path, encoder, out_dir):

@@ -272,7 +272,7 @@ def save_hf_folder(model_dir, hparams, params, encoder):
         config["bos_token_id"] = config["eos_token_id"] = encoder.encoder["<|endoftext|>"]
     write_text_atomically(model_dir / "config.json", json.dumps(config, indent=2) + "\n")
     write_text_atomically(model_dir / "vocab.json", json.dumps(encoder.encoder, ensure_ascii=False))
-    merges = "".join(f"{first} {second}\n" for first, second in encoder.bpe_ranks)
+    merges = "".join(f"{merge}\n" for merge in encoder.bpe_ranks)
     write_text_atomically(model_dir / "merges.txt", "#version: 0.2\n" + merges)
     # "format": transformers 4 refuses a file whose metadata lacks it, as the CRCs' would otherwise
     save_safetensors(model_dir / "model.safetensors", {hf_name(path): array for path, array in leaves(params)},

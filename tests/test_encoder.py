@@ -90,6 +90,12 @@ def test_any_ids_decode_like_tiktoken_including_partial_characters(enc, tiktoken
     assert enc.decode(ids) == tiktoken_gpt2.decode(ids)
 
 
+@pytest.mark.parametrize("token_id", [N_VOCAB, -1, -N_VOCAB, 3.0, "3"])
+def test_decoding_an_id_outside_the_vocab_raises_value_error(enc, token_id):
+    with pytest.raises(ValueError, match=f"token id {token_id!r} is not in the vocabulary of {N_VOCAB} tokens"):
+        enc.decode([token_id])
+
+
 def test_every_vocab_token_maps_to_the_same_bytes_as_tiktoken(enc, tiktoken_gpt2):
     assert len(enc.decoder) == N_VOCAB
     assert {i: enc.decode_bytes([i]) for i in range(N_VOCAB)} == {
@@ -182,10 +188,18 @@ def test_merges_that_make_tokens_missing_from_the_vocab_raise_value_error(vocab_
         load_encoder(*corrupt_copy(vocab_dir, tmp_path, vocab_bpe=vocab_bpe))
 
 
+@pytest.mark.parametrize("new_id", [50257, -1, 0], ids=["past-the-end", "negative", "taken"])
+def test_vocab_whose_ids_do_not_number_its_tokens_from_0_raises_value_error(vocab_dir, tmp_path, new_id):
+    encoder = json.loads((vocab_dir / "encoder.json").read_text(encoding="utf-8"))
+    encoder["<|endoftext|>"] = new_id  # was 50256, the last: now that id is unused
+    with pytest.raises(ValueError, match="ids must number its 50257 tokens from 0 to 50256, each once"):
+        load_encoder(*corrupt_copy(vocab_dir, tmp_path, encoder_json=json.dumps(encoder)))
+
+
 def test_encoder_built_directly_from_a_tiny_vocab_merges_by_rank():
     # Two merges that compete for the middle "b": the earlier one (rank 0) must win.
     encoder = {char: i for i, char in enumerate(bytes_to_unicode().values())} | {"bc": 256, "ab": 257}
-    tiny = Encoder(encoder, [("b", "c"), ("a", "b")])
+    tiny = Encoder(encoder, ["b c", "a b"])
     assert tiny.encode("abc") == [encoder["a"], 256]
     assert tiny.encode("ab") == [257]
     assert tiny.decode(tiny.encode("abc ab")) == "abc ab"
