@@ -50,13 +50,13 @@ def softmax(x):  # [..., n] -> [..., n]
 
 
 def layer_norm(x, g, b, eps: float = 1e-5):  # [..., n_embd] -> [..., n_embd]
-    return in_row_blocks(lambda x: normalized(x, g, b, eps), x)
-
-
-def normalized(x, g, b, eps):  # layer_norm of a block of rows: [..., n_embd] -> [..., n_embd]
-    # sums divided by n: what np.mean and np.var compute, without their Python overhead (it shows per token)
-    centered = x - x.sum(axis=-1, keepdims=True) / x.shape[-1]
-    variance = np.square(centered).sum(axis=-1, keepdims=True) / x.shape[-1]
+    # Each row's sum as a product with a vector of ones, and its sum of squares as einsum's sum of products: the one
+    # array of x's size made is the result, which the lines after it update in place (np.mean and np.var would
+    # make more, each a pass through memory). On one core: 0.62 ms for 512 rows of 124M, where blocks of rows on
+    # two cores took 1.2 (a part's hand-off to a thread costs about what the rows take)
+    n = x.shape[-1]
+    centered = x - (x @ np.ones(n, x.dtype) / n)[..., None]
+    variance = np.einsum("...i,...i->...", centered, centered)[..., None] / n
     centered *= 1 / np.sqrt(variance + eps)  # a product per element costs less than a division
     centered *= g
     centered += b
