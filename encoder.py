@@ -124,7 +124,7 @@ class Encoder:
 
 
 def tokens_by_id(encoder: dict[str, int]) -> list[str]:
-    """[the token of id 0, of id 1, ...]: a list, a fifth of the memory a dict from id to token takes. A ValueError
+    """[the token of id 0, of id 1, ...]: a list, a sixth of the memory a dict from id to token takes. A ValueError
     unless the ids number the tokens from 0, each once, as the rows of the model's embedding do."""
     tokens = [None] * len(encoder)
     try:
