@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from checkpoint import mapped_file
 from errors import GPT2Error
 from gpt2 import check, is_int, warn_no_effect
 from params import leaves
@@ -570,11 +571,8 @@ def choose(spec):  # -> the choices machine.py made for this machine, and the fi
     import machine
 
     _, _, params = load_encoder_hparams_and_params(model_dir=spec["model_dir"])  # writes the fast layout if chosen
-    mapped = params["wte"]
-    while not isinstance(mapped, np.memmap):  # the params are plain views of the map (checkpoint._mapped)
-        mapped = mapped.base
     chosen = {name: machine.choices()[name] for name in ("layout", "rows_form", "most_rows")}
-    return dict(chosen, weights_file=str(mapped.filename))
+    return dict(chosen, weights_file=str(mapped_file(params["wte"])))
 
 
 def recache(paths):

@@ -200,6 +200,12 @@ def _mapped(path):  # -> the bytes of the file at path, read-only: a plain ndarr
     return np.asarray(np.memmap(path, np.uint8, mode="r"))
 
 
+def mapped_file(array):  # -> the path of the file whose memory map array is a view of, or None if it is no such view
+    while isinstance(array, np.ndarray) and not isinstance(array, np.memmap):
+        array = array.base
+    return getattr(array, "filename", None)
+
+
 def _table_entries(index, path):
     """Yield (key, value) for every entry of a LevelDB-format table, reading it front to back."""
     if len(index) < _FOOTER_SIZE or int.from_bytes(index[-8:], "little") != _TABLE_MAGIC:

@@ -139,12 +139,6 @@ def write_openai_checkpoint(model_dir, hparams, params):
     return model_dir
 
 
-def mapped_file(array):  # -> the path of the file whose memory map array is a view of, or None if it is no such view
-    while isinstance(array, np.ndarray) and not isinstance(array, np.memmap):
-        array = array.base
-    return getattr(array, "filename", None)
-
-
 def flip_byte(path, offset):
     """Corrupt one byte of a file in place, the way a bad disk or download would."""
     with open(path, "r+b") as f:

@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import checkpoint
-from checkpoint import load_safetensors, load_tf_checkpoint, read_tf_index, save_safetensors
+from checkpoint import load_safetensors, load_tf_checkpoint, mapped_file, read_tf_index, save_safetensors
 from errors import GPT2Error
-from conftest import ROOT, SHARED_124M_HEAD, flip_byte, mapped_file, tf_variables
+from conftest import ROOT, SHARED_124M_HEAD, flip_byte, tf_variables
 
 FIXTURES = ["tiny", "h12", "wide"]
 DATA = ".data-00000-of-00001"

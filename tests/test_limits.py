@@ -16,7 +16,8 @@ import prepare
 import shakespeare
 import train_state
 import utils
-from conftest import OFFLINE, ROOT, assert_clean_error, files, mapped_file, run_script, tiny_run_args
+from checkpoint import mapped_file
+from conftest import OFFLINE, ROOT, assert_clean_error, files, run_script, tiny_run_args
 from encoder import byte_level_encoder
 from errors import GPT2Error
 from fast_layout import FAST_LAYOUT_FILE

@@ -14,9 +14,9 @@ from safetensors.numpy import save_file
 import download
 import fast_layout
 import utils
-from checkpoint import read_tf_index
+from checkpoint import mapped_file, read_tf_index
 from params import leaves, openai_name
-from conftest import ROOT, SHAPES, flip_byte, make_params, mapped_file, tf_variables, write_openai_checkpoint
+from conftest import ROOT, SHAPES, flip_byte, make_params, tf_variables, write_openai_checkpoint
 from errors import GPT2Error
 from utils import load_encoder_hparams_and_params
 
