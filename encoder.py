@@ -139,6 +139,55 @@ def tokens_by_id(encoder: dict[str, int]) -> list[str]:
     return tokens
 
 
+# The classes that PRETOKEN_PATTERN tells characters apart by: \s, \p{L}, \p{N} and all the others.
+OTHER, WHITESPACE, LETTER, NUMBER = 0, 1, 2, 3
+CHAR_CLASS = regex.compile(r"(\s)|(\p{L})|(\p{N})")
+
+
+def char_class(char):
+    match = CHAR_CLASS.match(char)
+    return match.lastindex if match else OTHER
+
+
+def last_safe_cut(text, start=1):
+    """The largest i in [start, len(text)) where text[:i] and text[i:] encoded apart give the ids of text, else 0.
+
+    GPT-2's pre-tokens are contractions ('s 't 're 've 'm 'll 'd: an apostrophe, then letters), runs of one class
+    (letters, numbers or other symbols) with at most one space in front, and runs of whitespace. So two neighbouring
+    characters can share a pre-token only if they are of one class, or the first is whitespace (" word"; and
+    "\\s+(?!\\S)" leaves a run's last space to the word after it), or an apostrophe comes before a letter. Between
+    any other two a pre-token ends, and the pattern matches alike whether the text stops there or goes on with
+    whitespace or a character of another class: text[:i] encodes alone as it does within text.
+    """
+    for i in range(len(text) - 1, max(start, 1) - 1, -1):
+        before, after = char_class(text[i - 1]), char_class(text[i])
+        if before not in (WHITESPACE, after) and not (text[i - 1] == "'" and after == LETTER):
+            return i
+    return 0
+
+
+def encode_pieces(pieces, encoder, max_uncut=None):
+    """The ids of the text that pieces of text make up -> iterator of lists of ids, which joined are exactly
+    encoder.encode of the whole text.
+
+    The text is encoded a chunk at a time, cut only where last_safe_cut allows: memory holds a piece plus the
+    longest stretch with nowhere to cut (a run of letters, say), never the whole text. max_uncut bounds that
+    stretch too, for a text that may never offer a cut (/dev/zero is one endless run of NULs): a stretch longer
+    than max_uncut characters is encoded as it stands, and only there may the ids differ from the whole text's.
+    """
+    pending = ""
+    for piece in pieces:
+        n_old = len(pending)
+        pending += piece
+        # a cut can only have appeared where this piece begins or in it: the text before had none
+        cut = last_safe_cut(pending, n_old)
+        if not cut and max_uncut is not None and len(pending) > max_uncut:
+            cut = len(pending)
+        yield encoder.encode(pending[:cut])
+        pending = pending[cut:]
+    yield encoder.encode(pending)
+
+
 def byte_level_encoder() -> Encoder:
     """The tokenizer for training from scratch: one token per byte and no merges, then <|endoftext|> (257 ids).
 

@@ -3,11 +3,14 @@
 A file is written under a temporary name and renamed into place (a rename is atomic), a folder is locked with
 flock on the folder itself (so no lock file is left behind), and a file's stamp changes whenever it is rewritten.
 A disk (or quota) that fills up while a file is written is one GPT2Error that says which file, how much it needed
-and how much is free, with the temporary removed (disk_space_for).
+and how much is free, with the temporary removed (disk_space_for). A text file is read as UTF-8 a piece at a time
+(read_utf8), for texts of any size.
 """
+import codecs
 import contextlib
 import errno
 import fcntl
+import io
 import os
 import shutil
 from pathlib import Path
@@ -110,3 +113,38 @@ def fsync(path):  # a file's or a folder's contents on disk, before a rename dec
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def read_utf8(source, text_path, read_bytes, bar=None, translate_newlines=False):
+    """The UTF-8 text of the binary file source, read_bytes at a time -> iterator of pieces of text.
+
+    bar: a progress bar to advance by the bytes of each piece once it has been used. translate_newlines: \\r\\n
+    and \\r become \\n, as Python's text files read them.
+    """
+    utf8 = codecs.getincrementaldecoder("utf-8")()
+    if translate_newlines:
+        utf8 = io.IncrementalNewlineDecoder(utf8, translate=True)
+    n_read = 0
+    while piece := read_piece(source, read_bytes, text_path):
+        yield decode_utf8(utf8, piece, n_read, text_path)
+        n_read += len(piece)
+        if bar is not None:
+            bar.update(len(piece))
+    yield decode_utf8(utf8, b"", n_read, text_path)  # b"": a character left unfinished is an error
+
+
+def read_piece(source, n_bytes, text_path):  # the next n_bytes (fewer at the end) of source, a binary file
+    try:
+        return source.read(n_bytes)
+    except OSError as e:
+        raise GPT2Error(f"cannot read {text_path} ({e.strerror})") from None
+
+
+def decode_utf8(utf8, piece, offset, text_path):
+    """The text of piece, the bytes of text_path from offset on, through the incremental decoder utf8."""
+    n_held = len(utf8.getstate()[0])  # bytes of a character that the previous piece began
+    try:
+        return utf8.decode(piece, final=not piece)
+    except UnicodeDecodeError as e:
+        at = offset - n_held + e.start
+        raise GPT2Error(f"{text_path} is not valid UTF-8 text ({e.reason} at byte {at}): save it as UTF-8") from None

@@ -17,11 +17,11 @@ import warnings
 from typing import NamedTuple
 
 import numpy as np
-from tqdm import tqdm
 
+from encoder import encode_pieces
 from errors import GPT2Error, GPT2Warning
+from files import read_utf8
 from machine import rows_times
-from prepare import encode_pieces, read_utf8
 from threads import MIN_PART_ROWS, in_parts, set_blas_threads
 from utils import check_model_choice, load_encoder_hparams_and_params
 
@@ -237,6 +237,8 @@ class Sampling(NamedTuple):
 def start_sampling(settings, n_vocab):  # {Sampling's fields} -> (Sampling, the random generator of its seed)
     sampling = Sampling(**settings)
     check_sampling(sampling, n_vocab)
+    if sampling.temperature == 0:  # greedy draws nothing: no generator, nor NumPy's random module (5 MiB) loaded
+        return sampling, None
     return sampling, np.random.default_rng(None if sampling.seed == -1 else sampling.seed)
 
 
@@ -455,7 +457,7 @@ def block_logprobs(x, targets, wte):  # [n, n_embd], [n] -> [n] log p(target) un
 
 
 READ_BYTES = 1 << 16  # how much of a text to score is read at a time: 64 KiB take the tokenizer milliseconds
-# The most characters encoded together where the text offers nowhere to cut (prepare.encode_pieces): far more than a
+# The most characters encoded together where the text offers nowhere to cut (encoder.encode_pieces): far more than a
 # word or a line has, and few enough that memory stays bounded on one endless run of symbols, such as /dev/zero's NULs
 MAX_UNCUT_CHARS = 1 << 16
 
@@ -591,6 +593,8 @@ def unescape(text, argument):  # text with the escapes of a Python string litera
 
 
 def progress(iterable=None, **options):  # a bar on stderr when it is a terminal, gone when done: stdout stays clean
+    from tqdm import tqdm  # here: only the command line shows bars, and tqdm is 3 MiB of every process that imports it
+
     return tqdm(iterable, file=sys.stderr, disable=None, leave=False, **options)
 
 

@@ -7,51 +7,21 @@ The text is read a piece at a time and encoded in chunks. A chunk is cut only be
 GPT-2's pre-tokenizer can never put into one pre-token, so the ids are exactly those of encoding the whole
 text at once. The last 10 % of the ids are held out for validation.
 """
-import codecs
 import hashlib
-import io
 import json
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
-import regex
 from tqdm import tqdm
 
-from encoder import byte_level_encoder
+from encoder import byte_level_encoder, encode_pieces
 from errors import GPT2Error
-from files import discard, disk_space_for, write_text_atomically
+from files import discard, disk_space_for, read_utf8, write_text_atomically
 
 READ_BYTES = 1 << 20  # how much of the file is read at a time
 VALIDATION_SHARE = 0.1
-
-# The classes that encoder.PRETOKEN_PATTERN tells characters apart by: \s, \p{L}, \p{N} and all the others.
-OTHER, WHITESPACE, LETTER, NUMBER = 0, 1, 2, 3
-CHAR_CLASS = regex.compile(r"(\s)|(\p{L})|(\p{N})")
-
-
-def char_class(char):
-    match = CHAR_CLASS.match(char)
-    return match.lastindex if match else OTHER
-
-
-def last_safe_cut(text, start=1):
-    """The largest i in [start, len(text)) where text[:i] and text[i:] encoded apart give the ids of text, else 0.
-
-    GPT-2's pre-tokens are contractions ('s 't 're 've 'm 'll 'd: an apostrophe, then letters), runs of one class
-    (letters, numbers or other symbols) with at most one space in front, and runs of whitespace. So two neighbouring
-    characters can share a pre-token only if they are of one class, or the first is whitespace (" word"; and
-    "\\s+(?!\\S)" leaves a run's last space to the word after it), or an apostrophe comes before a letter. Between
-    any other two a pre-token ends, and the pattern matches alike whether the text stops there or goes on with
-    whitespace or a character of another class: text[:i] encodes alone as it does within text.
-    """
-    for i in range(len(text) - 1, max(start, 1) - 1, -1):
-        before, after = char_class(text[i - 1]), char_class(text[i])
-        if before not in (WHITESPACE, after) and not (text[i - 1] == "'" and after == LETTER):
-            return i
-    return 0
-
 
 def encode_file(text_path, encoder, tokens_path, read_bytes=READ_BYTES):
     """Encode the UTF-8 text of text_path into tokens_path as uint16 ids; returns how many.
@@ -95,63 +65,6 @@ def encode_stream(source, sink, encoder, size, read_bytes, text_path):
             sink.write(ids.data)  # not ids.tofile: its OSError on a full disk has no errno to tell it by
             n_tokens += len(ids)
     return n_tokens
-
-
-def read_utf8(source, text_path, read_bytes=READ_BYTES, bar=None, translate_newlines=False):
-    """The UTF-8 text of the binary file source, read_bytes at a time -> iterator of pieces of text.
-
-    bar: a progress bar to advance by the bytes of each piece once it has been used. translate_newlines: \\r\\n
-    and \\r become \\n, as Python's text files read them.
-    """
-    utf8 = codecs.getincrementaldecoder("utf-8")()
-    if translate_newlines:
-        utf8 = io.IncrementalNewlineDecoder(utf8, translate=True)
-    n_read = 0
-    while piece := read_piece(source, read_bytes, text_path):
-        yield decode_utf8(utf8, piece, n_read, text_path)
-        n_read += len(piece)
-        if bar is not None:
-            bar.update(len(piece))
-    yield decode_utf8(utf8, b"", n_read, text_path)  # b"": a character left unfinished is an error
-
-
-def read_piece(source, n_bytes, text_path):  # the next n_bytes (fewer at the end) of source, a binary file
-    try:
-        return source.read(n_bytes)
-    except OSError as e:
-        raise GPT2Error(f"cannot read {text_path} ({e.strerror})") from None
-
-
-def encode_pieces(pieces, encoder, max_uncut=None):
-    """The ids of the text that pieces of text make up -> iterator of lists of ids, which joined are exactly
-    encoder.encode of the whole text.
-
-    The text is encoded a chunk at a time, cut only where last_safe_cut allows: memory holds a piece plus the
-    longest stretch with nowhere to cut (a run of letters, say), never the whole text. max_uncut bounds that
-    stretch too, for a text that may never offer a cut (/dev/zero is one endless run of NULs): a stretch longer
-    than max_uncut characters is encoded as it stands, and only there may the ids differ from the whole text's.
-    """
-    pending = ""
-    for piece in pieces:
-        n_old = len(pending)
-        pending += piece
-        # a cut can only have appeared where this piece begins or in it: the text before had none
-        cut = last_safe_cut(pending, n_old)
-        if not cut and max_uncut is not None and len(pending) > max_uncut:
-            cut = len(pending)
-        yield encoder.encode(pending[:cut])
-        pending = pending[cut:]
-    yield encoder.encode(pending)
-
-
-def decode_utf8(utf8, piece, offset, text_path):
-    """The text of piece, the bytes of text_path from offset on, through the incremental decoder utf8."""
-    n_held = len(utf8.getstate()[0])  # bytes of a character that the previous piece began
-    try:
-        return utf8.decode(piece, final=not piece)
-    except UnicodeDecodeError as e:
-        at = offset - n_held + e.start
-        raise GPT2Error(f"{text_path} is not valid UTF-8 text ({e.reason} at byte {at}): save it as UTF-8") from None
 
 
 def tokenizer_digest(encoder):

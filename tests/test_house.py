@@ -26,6 +26,19 @@ def test_the_model_and_the_learning_files_import_only_numpy_and_the_standard_lib
     assert result.stdout.strip() == "[]"
 
 
+def test_greedy_generation_from_the_api_loads_no_progress_bars_and_no_random_numbers(fixture_model):
+    # what a program that only generates greedily never uses stays out of its memory: tqdm (3 MiB), NumPy's random
+    # module and the hashing it loads (5 MiB), and prepare.py's
+    model_dir, _, _ = fixture_model("tiny")
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from gpt2 import generate; "
+            "from utils import load_encoder_hparams_and_params; "
+            f"_, hparams, params = load_encoder_hparams_and_params(model_dir={str(model_dir)!r}); "
+            "generate([1, 2, 3], params, hparams['n_head'], 4); "
+            "print([name for name in ('tqdm', 'numpy.random', 'hashlib', 'prepare') if name in sys.modules])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
 def test_no_function_outside_the_tests_is_longer_than_fifty_lines():
     long_functions = []
     for path in sorted(ROOT.glob("*.py")):

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import prepare
 import shakespeare
 from conftest import run_script, train_in_process
-from encoder import byte_level_encoder, load_encoder
+from encoder import byte_level_encoder, encode_pieces, load_encoder
 from errors import GPT2Error
 
 # Texts where a careless cut would change the ids: whitespace runs ("\s+(?!\S)" leaves a run's last space to the
@@ -127,10 +127,10 @@ def test_a_stretch_with_nowhere_to_cut_is_cut_at_max_uncut_so_an_endless_one_kee
                                                                                                tiktoken_gpt2):
     # NULs are one pre-token however many: nowhere between two is a cut exact, so only max_uncut bounds the stretch
     # (and no merge joins NULs, so encoding them in stretches still gives tiktoken's ids of the whole run)
-    chunks = list(prepare.encode_pieces(["\0" * 1000] * 50, gpt2_encoder, max_uncut=4096))
+    chunks = list(encode_pieces(["\0" * 1000] * 50, gpt2_encoder, max_uncut=4096))
     assert max(len(ids) for ids in chunks) <= 4096 + 1000
     assert sum(chunks, []) == tiktoken_gpt2.encode_ordinary("\0" * 50_000)
-    assert len(list(prepare.encode_pieces(["\0" * 1000] * 50, gpt2_encoder))[-1]) == 50_000  # without it, one stretch
+    assert len(list(encode_pieces(["\0" * 1000] * 50, gpt2_encoder))[-1]) == 50_000  # without it, one stretch
 
 
 def test_the_last_tenth_is_validation():
