@@ -14,6 +14,7 @@ import numpy as np
 
 import machine
 from errors import GPT2Error
+from gpt2 import normalize, row_means
 from memory import FLOAT32, available_bytes
 from params import leaves, tree_map
 from threads import MIN_PART_ROWS, blas_threads, in_parts
@@ -35,9 +36,7 @@ def embed_backward(dwte, dwpe, dout, inputs):  # [n_batch, n_seq, n_embd] -> add
 
 def layer_norm_forward(x, g, b, eps: float = 1e-5):
     # [..., n_embd] -> out [..., n_embd], and the normalised x_hat [..., n_embd] and 1/std rstd [..., 1]
-    x_hat = x - np.mean(x, axis=-1, keepdims=True)
-    rstd = 1 / np.sqrt(np.mean(np.square(x_hat), axis=-1, keepdims=True) + eps)
-    x_hat *= rstd
+    x_hat, rstd = normalize(x, eps)
     return x_hat * g + b, x_hat, rstd
 
 
@@ -48,9 +47,9 @@ def layer_norm_backward(dln, dout, x_hat, rstd, g):  # [..., n_embd] -> dx [...,
     np.sum(dout, axis=rows, out=dln["b"])
     dx_hat = dout * g
     # x_hat = (x - mean(x)) * rstd: the mean and the variance depend on every x of the row, hence the two means
-    dx = dx_hat - np.mean(dx_hat, axis=-1, keepdims=True)
+    dx = dx_hat - row_means(dx_hat)
     dx_hat *= x_hat
-    dx -= x_hat * np.mean(dx_hat, axis=-1, keepdims=True)
+    dx -= x_hat * row_means(dx_hat)
     dx *= rstd
     return dx
 
