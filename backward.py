@@ -14,7 +14,7 @@ import numpy as np
 
 import machine
 from errors import GPT2Error
-from gpt2 import normalize, row_means
+from gpt2 import causal_mask, normalize, row_means
 from memory import FLOAT32, available_bytes
 from params import leaves, tree_map
 from threads import MIN_PART_ROWS, blas_threads, in_parts
@@ -130,7 +130,7 @@ def attention_forward(qkv, n_head):
     # [n_batch, n_seq, 3 * n_embd] -> heads merged [n_batch, n_seq, n_embd], and att [n_batch, n_head, n_seq, n_seq]
     q, k, v = split_heads(qkv, n_head)
     n_batch, _, n_seq, d = q.shape
-    mask = np.triu(np.full((n_seq, n_seq), -np.inf, np.float32), k=1)  # a position sees itself and those before
+    mask = causal_mask(n_seq, n_seq)
     att = np.empty((n_batch, n_head, n_seq, n_seq), np.float32)
     y = np.empty((n_batch, n_seq, n_head, d), np.float32)
 
