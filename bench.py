@@ -375,7 +375,8 @@ def main(model_size: str | None = None, model_dir: str | None = None, models_dir
     print("\n".join(agreement(ours, others)))
     repeats = f"the median of {runs} runs, the engines interleaved" if runs > 1 else "from one run of each engine"
     print(f"Each number is {repeats}. Ours ran with the weights in the {chosen['layout']} layout, and 2 to "
-          f"{chosen['most_rows']} rows times them in the {chosen['rows_form']} form: this machine's choices "
+          f"{chosen['most_rows']} rows times them in the {chosen['rows_form']} form (times the vocabulary's in the "
+          f"{chosen['vocabulary_form']} form): this machine's choices "
           "(machine.py). Before the runs, the weight files that ours and llama.cpp map were dropped from the page "
           "cache and read back whole, so that both map them from the same state of the cache.")
 
@@ -571,7 +572,7 @@ def choose(spec):  # -> the choices machine.py made for this machine, and the fi
     import machine
 
     _, _, params = load_encoder_hparams_and_params(model_dir=spec["model_dir"])  # writes the fast layout if chosen
-    chosen = {name: machine.choices()[name] for name in ("layout", "rows_form", "most_rows")}
+    chosen = {name: machine.choices()[name] for name in ("layout", "rows_form", "most_rows", "vocabulary_form")}
     return dict(chosen, weights_file=str(mapped_file(params["wte"])))
 
 

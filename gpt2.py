@@ -22,7 +22,7 @@ import numpy as np
 from encoder import encode_pieces
 from errors import GPT2Error, GPT2Warning
 from files import read_utf8
-from machine import rows_times
+from machine import rows_times, vocabulary_times
 from threads import MIN_PART_ROWS, in_parts, set_blas_threads
 from utils import check_model_choice, load_encoder_hparams_and_params
 
@@ -184,7 +184,7 @@ def hidden_states(inputs, positions, mask, wte, wpe, blocks, ln_f, n_head, kv_ca
 def gpt2(inputs, wte, wpe, blocks, ln_f, n_head):  # [n_seq] -> [n_seq, n_vocab]
     n_seq = len(inputs)
     x = hidden_states(np.asarray(inputs), np.arange(n_seq), causal_mask(n_seq, n_seq), wte, wpe, blocks, ln_f, n_head)
-    return rows_times(x, wte.T)  # GPT-2 ties the output projection to the token embeddings
+    return vocabulary_times(x, wte)  # GPT-2 ties the output projection to the token embeddings
 
 
 def log_softmax(x):  # [..., n] -> [..., n]
@@ -200,7 +200,7 @@ def next_logits(tokens, pads, params, n_head, kv_cache, start):  # [n_batch, n_n
     pad_keys = np.where(np.arange(end) < pads[:, None], np.float32(-1e10), np.float32(0))  # [n_batch, end]
     mask = causal_mask(n_new, end) + pad_keys[:, None, None, :]  # [n_batch, 1 (heads), n_new, end]
     x = hidden_states(tokens, positions, mask, **params, n_head=n_head, kv_cache=kv_cache, start=start, last_only=True)
-    return rows_times(x[:, -1], params["wte"].T)  # the vocabulary projection only where a token is chosen
+    return vocabulary_times(x[:, -1], params["wte"])  # the vocabulary projection only where a token is chosen
 
 
 def new_kv_cache(params, n_head, n_batch, n_max):  # -> per layer [2, n_batch, n_head, n_max, n_embd/n_head]

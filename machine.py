@@ -9,6 +9,8 @@ first load on a machine times each candidate on matrices of GPT-2 124M's shapes,
 and keeps the winner in ~/.cache/gpt2-numpy/machine.json (under XDG_CACHE_HOME if set), for this CPU, this NumPy and
 its BLAS's kernels.
 
+The vocabulary's product, many times larger than any other weight's, is timed on its own and may go in another form.
+
 Other work that can be done more than one way is timed the same way, once per shape, the first time it is asked for
 (fastest), and its winner kept in the same file.
 """
@@ -24,11 +26,13 @@ import numpy as np
 
 from allocator import release_freed_memory
 from files import write_text_atomically
-from threads import openblas_kernels
+from threads import in_parts, openblas_kernels
 
 # The layouts of a linear layer's weight: the checkpoint's [n_in, n_out], or a copy stored [n_out, n_in] (the fast
 # layout, fast_layout.py), which params hand out as its transpose, so that w is [n_in, n_out] either way.
 CHECKPOINT, TRANSPOSED = "checkpoint", "transposed"
+LAYOUTS = (CHECKPOINT, TRANSPOSED)
+VOCABULARY = "vocabulary"  # its weight, timed in measure() beside the layouts' (it has one: [n_vocab, n_embd])
 
 
 def in_blocks(x, w):  # (w.T @ x.T).T with w.T cut into blocks of n_in rows, a product each
@@ -38,12 +42,33 @@ def in_blocks(x, w):  # (w.T @ x.T).T with w.T cut into blocks of n_in rows, a p
     return np.concatenate([stored[i : i + n_in] @ x.T for i in range(0, len(stored), n_in)]).T
 
 
-# Forms of x @ w, for x of a few rows and w stored [n_out, n_in] (w.T C-ordered): as written; as (w.T @ x.T).T; and
-# that in blocks
+# OpenBLAS's SkylakeX kernels take a product of at most SMALL_PRODUCT multiply-adds and (with one operand transposed,
+# as x @ w.T is to it) SMALL_RESULTS results as it is; any larger product is first copied into OpenBLAS's own layout
+SMALL_PRODUCT, SMALL_RESULTS = 10**6, 1200
+
+
+def in_small_parts(x, w):  # x @ w with w.T cut into blocks that OpenBLAS takes as they are, in parts, one per core
+    # For a few rows, the copy of w is most of the time of a product. A product that small runs on one thread, so the
+    # blocks go in parts. Eight rows times 124M's vocabulary: 8.4 ms, where blocks of 768 rows of w.T took 15.8 and
+    # blocks too large to be taken as they are, in parts, 21 (Intel Xeon, AVX-512)
+    stored, (m, n_in) = w.T, x.shape
+    n_rows = max(1, min(SMALL_RESULTS // m, SMALL_PRODUCT // (m * n_in)))  # of w.T in a block
+    n_blocks = len(stored) // n_rows
+    y = np.empty((m, len(stored)), x.dtype)
+    blocks = stored[: n_blocks * n_rows].reshape(n_blocks, n_rows, n_in).swapaxes(1, 2)
+    y_blocks = y[:, : n_blocks * n_rows].reshape(m, n_blocks, n_rows).swapaxes(0, 1)  # views of y, written in place
+    in_parts(lambda part: np.matmul(x, blocks[part], out=y_blocks[part]), n_blocks, 1)
+    np.matmul(x, stored[n_blocks * n_rows :].T, out=y[:, n_blocks * n_rows :])
+    return y
+
+
+# Forms of x @ w, for x of a few rows and w stored [n_out, n_in] (w.T C-ordered): as written; as (w.T @ x.T).T; that
+# in blocks; and in blocks small enough for OpenBLAS to take as they are, in parts
 ROWS_FORMS = {
     "plain": lambda x, w: x @ w,
     "transposed": lambda x, w: (w.T @ x.T).T,
     "blocks": in_blocks,
+    "small_parts": in_small_parts,
 }
 
 # The matrices the candidates are timed on: a block of GPT-2 124M, repeated to 227 MB, several times the largest
@@ -51,6 +76,7 @@ ROWS_FORMS = {
 TIMED_SHAPES = [(768, 2304), (768, 768), (768, 3072), (3072, 768)] * 8
 TIMED_ROWS = 8  # a batch's rows, or a short prompt's
 MANY_ROWS = 32  # a prompt's, or an uncached sequence's: where OpenBLAS's product as written may be back in front
+VOCABULARY_SHAPE = (768, 50257)  # [n_embd, n_vocab] of GPT-2 124M: its tokens' embedding, the vocabulary's weight
 N_ROUNDS = 3  # the candidates run in turn, round after round, and each keeps its median: drift hits all alike
 N_TRIALS = 2  # fastest's ways, each its least time of two: a way's first run also pays for touching new memory
 
@@ -84,7 +110,8 @@ def cpu_name(cpuinfo="/proc/cpuinfo"):  # -> the CPU's name, with its family and
 
 def choices():
     """{"layout": CHECKPOINT or TRANSPOSED, "rows_form": a key of ROWS_FORMS, "most_rows": the most rows that form
-    serves, ...}: this machine's, from the cache, else measured (about a second, once) and kept there."""
+    serves, "vocabulary_form": the form of a few rows for the vocabulary's weight, ...}: this machine's, from the
+    cache, else measured (about two seconds, once) and kept there."""
     global _choices
     if _choices is None:
         _choices = cached_choices()
@@ -112,7 +139,8 @@ def keep(chosen):  # writes the choices to the cache
 
 def valid(cached):
     fastest_ways = cached.get("fastest", {})
-    return (cached.get("layout") in (CHECKPOINT, TRANSPOSED) and cached.get("rows_form") in ROWS_FORMS
+    return (cached.get("layout") in LAYOUTS and cached.get("rows_form") in ROWS_FORMS
+            and cached.get("vocabulary_form") in ROWS_FORMS
             and cached.get("most_rows") in (2 * TIMED_ROWS, MANY_ROWS) and isinstance(fastest_ways, dict)
             and all(isinstance(way, str) for way in fastest_ways.values()))
 
@@ -140,17 +168,20 @@ def fastest(task, ways):
 
 def measure(shapes=TIMED_SHAPES):
     """Time one row, TIMED_ROWS and MANY_ROWS rows through matrices of the given shapes ([n_in, n_out]) in each
-    layout and form -> the choices: the layout with the least time per token of single and batched decoding, the
-    form of a few rows for weights stored [n_out, n_in] (the vocabulary projection always has them so), and up to
-    how many rows that form beats the product as written."""
+    layout and form, and TIMED_ROWS rows through the vocabulary's weight in each form -> the choices: the layout with
+    the least time per token of single and batched decoding, the form of a few rows for weights stored [n_out, n_in],
+    up to how many rows that form beats the product as written, and the form of a few rows for the vocabulary's weight
+    (stored [n_vocab, n_embd] in every layout)."""
     # the values do not matter to the time (they are no subnormals), so they are all 1, quick to write
     weights = {TRANSPOSED: [np.ones((n_out, n_in), np.float32).T for n_in, n_out in shapes],
-               CHECKPOINT: [np.ones((n_in, n_out), np.float32) for n_in, n_out in shapes]}
+               CHECKPOINT: [np.ones((n_in, n_out), np.float32) for n_in, n_out in shapes],
+               VOCABULARY: [np.ones(VOCABULARY_SHAPE[::-1], np.float32).T]}
     rows = {n: {m: np.ones((m, n), np.float32) for m in (1, TIMED_ROWS, MANY_ROWS)}
-            for n in {n_in for n_in, _ in shapes}}
-    candidates = {(layout, 1, "plain"): weights[layout] for layout in weights}
+            for n in {n_in for n_in, _ in [*shapes, VOCABULARY_SHAPE]}}
+    candidates = {(layout, 1, "plain"): weights[layout] for layout in LAYOUTS}
     candidates |= {(CHECKPOINT, TIMED_ROWS, "plain"): weights[CHECKPOINT]}
     candidates |= {(TRANSPOSED, m, form): weights[TRANSPOSED] for m in (TIMED_ROWS, MANY_ROWS) for form in ROWS_FORMS}
+    candidates |= {(VOCABULARY, TIMED_ROWS, form): weights[VOCABULARY] for form in ROWS_FORMS}
     seconds = {candidate: [] for candidate in candidates}
     for _ in range(N_ROUNDS):
         for (layout, m, form), ws in candidates.items():
@@ -161,13 +192,15 @@ def measure(shapes=TIMED_SHAPES):
     ms = {candidate: 1000 * statistics.median(times) for candidate, times in seconds.items()}
     rows_form = min(ROWS_FORMS, key=lambda form: ms[(TRANSPOSED, TIMED_ROWS, form)])
     per_token = {layout: ms[(layout, 1, "plain")] + ms[(layout, TIMED_ROWS, "plain" if layout == CHECKPOINT
-                                                         else rows_form)] / TIMED_ROWS for layout in weights}
+                                                         else rows_form)] / TIMED_ROWS for layout in LAYOUTS}
     # the form chosen at 8 rows serves up to 32 rows where it still beats the product as written there (on the
     # Intel Xeon the blocks form took 30-40 % less time from 16 to 32 rows, and at 64 rows about as much), else
     # up to 16
     most_rows = MANY_ROWS if ms[(TRANSPOSED, MANY_ROWS, rows_form)] < ms[(TRANSPOSED, MANY_ROWS, "plain")] \
         else 2 * TIMED_ROWS
+    vocabulary_form = min(ROWS_FORMS, key=lambda form: ms[(VOCABULARY, TIMED_ROWS, form)])
     return {"layout": min(per_token, key=per_token.get), "rows_form": rows_form, "most_rows": most_rows,
+            "vocabulary_form": vocabulary_form,
             "measured_ms": {f"{layout}, {m} rows, {form}": round(t, 2) for (layout, m, form), t in ms.items()}}
 
 
@@ -176,7 +209,15 @@ def rows_times(x, w):  # [m, n_in], [n_in, n_out] -> [m, n_out]: x @ w, in the f
     # any form; from some tens of rows on (at 2 flops per row for each 4 bytes of w, memory's 10-25 GB/s feed about
     # the 100-200 GFLOP/s of two cores' vector units) reading w no longer takes the time, and the form as written
     # runs at the speed of OpenBLAS's large products and hands out its rows as a C-ordered array
+    return in_form(x, w, "rows_form")
+
+
+def vocabulary_times(x, wte):  # [m, n_embd], [n_vocab, n_embd] -> [m, n_vocab]: the logits x @ wte.T, likewise
+    return in_form(x, wte.T, "vocabulary_form")
+
+
+def in_form(x, w, choice):  # x @ w, for a few rows in the form choices()[choice]
     chosen = choices()
     if not 1 < len(x) <= chosen["most_rows"] or w.flags.c_contiguous:
         return x @ w
-    return ROWS_FORMS[chosen["rows_form"]](x, w)
+    return ROWS_FORMS[chosen[choice]](x, w)

@@ -43,9 +43,9 @@ def test_the_chosen_form_serves_from_two_rows_up_to_the_most_rows_measured(most_
 
 @pytest.fixture
 def choose(monkeypatch):  # choose(layout, rows_form): this process's choices, as if measured so
-    def set_choices(layout, rows_form):
+    def set_choices(layout, rows_form):  # the vocabulary's product in the same form
         monkeypatch.setattr(machine, "_choices", {"layout": layout, "rows_form": rows_form,
-                                                  "most_rows": machine.MANY_ROWS})
+                                                  "most_rows": machine.MANY_ROWS, "vocabulary_form": rows_form})
 
     return set_choices
 
@@ -83,7 +83,7 @@ def test_the_checkpoint_layout_writes_no_copy_and_the_transposed_one_does(choose
 def test_the_first_use_measures_this_machine_and_later_ones_remember_it(fresh_cache, monkeypatch):
     chosen = machine.choices()
     assert machine.valid(chosen) and chosen["machine"] == machine.machine_key()
-    assert len(chosen["measured_ms"]) == 9 and all(ms > 0 for ms in chosen["measured_ms"].values())
+    assert len(chosen["measured_ms"]) == 15 and all(ms > 0 for ms in chosen["measured_ms"].values())
     assert json.loads(fresh_cache.read_text()) == chosen
     monkeypatch.setattr(machine, "_choices", None)
     monkeypatch.setattr(machine, "measure", lambda: pytest.fail("measured again"))
@@ -94,6 +94,8 @@ def test_the_first_use_measures_this_machine_and_later_ones_remember_it(fresh_ca
     "not json",
     json.dumps({"layout": "sideways", "rows_form": "plain", "most_rows": machine.MANY_ROWS}),
     json.dumps({"layout": machine.TRANSPOSED, "rows_form": "blocks"}),  # from before most_rows was measured
+    json.dumps({"layout": machine.TRANSPOSED, "rows_form": "blocks", "most_rows": machine.MANY_ROWS,
+                "machine": machine.machine_key()}),  # from before the vocabulary's form was measured
     json.dumps(dict(PINNED_CHOICES, machine="another CPU; 2 cores; NumPy 1.0; OpenBLAS 0.1")),
     json.dumps(dict(PINNED_CHOICES, machine=machine.machine_key(), fastest={"a task": ["parts"]})),
 ])
