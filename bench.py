@@ -572,8 +572,9 @@ def choose(spec):  # -> the choices machine.py made for this machine, and the fi
     import machine
 
     _, _, params = load_encoder_hparams_and_params(model_dir=spec["model_dir"])  # writes the fast layout if chosen
-    chosen = {name: machine.choices()[name] for name in ("layout", "rows_form", "most_rows", "vocabulary_form")}
-    return dict(chosen, weights_file=str(mapped_file(params["wte"])))
+    chosen = {name: machine.choices()[name] for name in ("layout", "most_rows", "vocabulary_form")}
+    rows_form = machine.form_of(params["blocks"][0]["mlp"]["c_fc"]["w"])  # this size's
+    return dict(chosen, rows_form=rows_form, weights_file=str(mapped_file(params["wte"])))
 
 
 def recache(paths):

@@ -9,7 +9,8 @@ first load on a machine times each candidate on matrices of GPT-2 124M's shapes,
 and keeps the winner in ~/.cache/gpt2-numpy/machine.json (under XDG_CACHE_HOME if set), for this CPU, this NumPy and
 its BLAS's kernels.
 
-The vocabulary's product, many times larger than any other weight's, is timed on its own and may go in another form.
+The vocabulary's product, many times larger than any other weight's, is timed on its own and may go in another form,
+and so are the matrices of GPT-2's wider sizes.
 
 Other work that can be done more than one way is timed the same way, once per shape, the first time it is asked for
 (fastest), and its winner kept in the same file.
@@ -26,6 +27,7 @@ import numpy as np
 
 from allocator import release_freed_memory
 from files import write_text_atomically
+from params import layout, leaves
 from threads import in_parts, openblas_kernels
 
 # The layouts of a linear layer's weight: the checkpoint's [n_in, n_out], or a copy stored [n_out, n_in] (the fast
@@ -71,12 +73,26 @@ ROWS_FORMS = {
     "small_parts": in_small_parts,
 }
 
-# The matrices the candidates are timed on: a block of GPT-2 124M, repeated to 227 MB, several times the largest
-# cache a CPU of these machines has, so that each product reads its weights from memory, as a model's do
-TIMED_SHAPES = [(768, 2304), (768, 768), (768, 3072), (3072, 768)] * 8
+
+def gpt2_layout(n_embd):  # -> the params tree's shapes of a GPT-2 of this width, one layer deep
+    return layout({"n_vocab": 50257, "n_ctx": 1024, "n_embd": n_embd, "n_head": 1, "n_layer": 1})
+
+
+def timed_shapes(n_embd):  # -> [n_in, n_out] of a GPT-2 layer's weights, the layer repeated to at least 200 MB
+    # several times the largest cache a CPU of these machines has, so that each product reads its weights from
+    # memory, as a model's do
+    layer = [shape for path, shape in leaves(gpt2_layout(n_embd)["blocks"]) if path[-1] == "w"]
+    return layer * math.ceil(200e6 / sum(4 * n_in * n_out for n_in, n_out in layer))
+
+
+TIMED_SHAPES = timed_shapes(768)  # GPT-2 124M's, 227 MB
+# n_embd of GPT-2 355M, 774M and 1558M: their matrices get the form of a few rows measured at their own shapes. Each
+# product's hand-off to a second thread costs the same at any size, so the forms in parts gain on larger matrices:
+# 8 rows through 1558M's took 28.9 ms in small blocks in parts, 40.8 in blocks of n_in rows (Intel Xeon, 368 MB)
+WIDER = (1024, 1280, 1600)
 TIMED_ROWS = 8  # a batch's rows, or a short prompt's
 MANY_ROWS = 32  # a prompt's, or an uncached sequence's: where OpenBLAS's product as written may be back in front
-VOCABULARY_SHAPE = (768, 50257)  # [n_embd, n_vocab] of GPT-2 124M: its tokens' embedding, the vocabulary's weight
+VOCABULARY_SHAPE = gpt2_layout(768)["wte"][::-1]  # [n_embd, n_vocab] of GPT-2 124M: the vocabulary's weight
 N_ROUNDS = 3  # the candidates run in turn, round after round, and each keeps its median: drift hits all alike
 N_TRIALS = 2  # fastest's ways, each its least time of two: a way's first run also pays for touching new memory
 
@@ -110,8 +126,9 @@ def cpu_name(cpuinfo="/proc/cpuinfo"):  # -> the CPU's name, with its family and
 
 def choices():
     """{"layout": CHECKPOINT or TRANSPOSED, "rows_form": a key of ROWS_FORMS, "most_rows": the most rows that form
-    serves, "vocabulary_form": the form of a few rows for the vocabulary's weight, ...}: this machine's, from the
-    cache, else measured (about two seconds, once) and kept there."""
+    serves, "vocabulary_form": the form of a few rows for the vocabulary's weight, "wider_forms": {n_embd: the form
+    for the matrices of that WIDER size}, ...}: this machine's, from the cache, else measured (about four seconds,
+    once) and kept there."""
     global _choices
     if _choices is None:
         _choices = cached_choices()
@@ -140,7 +157,9 @@ def keep(chosen):  # writes the choices to the cache
 def valid(cached):
     fastest_ways = cached.get("fastest", {})
     return (cached.get("layout") in LAYOUTS and cached.get("rows_form") in ROWS_FORMS
-            and cached.get("vocabulary_form") in ROWS_FORMS
+            and cached.get("vocabulary_form") in ROWS_FORMS and isinstance(cached.get("wider_forms"), dict)
+            and cached["wider_forms"].keys() == {str(n_embd) for n_embd in WIDER}
+            and all(form in ROWS_FORMS for form in cached["wider_forms"].values())
             and cached.get("most_rows") in (2 * TIMED_ROWS, MANY_ROWS) and isinstance(fastest_ways, dict)
             and all(isinstance(way, str) for way in fastest_ways.values()))
 
@@ -168,28 +187,25 @@ def fastest(task, ways):
 
 def measure(shapes=TIMED_SHAPES):
     """Time one row, TIMED_ROWS and MANY_ROWS rows through matrices of the given shapes ([n_in, n_out]) in each
-    layout and form, and TIMED_ROWS rows through the vocabulary's weight in each form -> the choices: the layout with
-    the least time per token of single and batched decoding, the form of a few rows for weights stored [n_out, n_in],
-    up to how many rows that form beats the product as written, and the form of a few rows for the vocabulary's weight
-    (stored [n_vocab, n_embd] in every layout)."""
+    layout and form, and TIMED_ROWS rows through the vocabulary's weight and the matrices of each WIDER size in each
+    form -> the choices: the layout with the least time per token of single and batched decoding, the form of a few
+    rows for weights stored [n_out, n_in], up to how many rows that form beats the product as written, and the forms
+    of a few rows for the vocabulary's weight (stored [n_vocab, n_embd] in every layout) and the wider sizes'."""
     # the values do not matter to the time (they are no subnormals), so they are all 1, quick to write
     weights = {TRANSPOSED: [np.ones((n_out, n_in), np.float32).T for n_in, n_out in shapes],
                CHECKPOINT: [np.ones((n_in, n_out), np.float32) for n_in, n_out in shapes],
                VOCABULARY: [np.ones(VOCABULARY_SHAPE[::-1], np.float32).T]}
-    rows = {n: {m: np.ones((m, n), np.float32) for m in (1, TIMED_ROWS, MANY_ROWS)}
-            for n in {n_in for n_in, _ in [*shapes, VOCABULARY_SHAPE]}}
     candidates = {(layout, 1, "plain"): weights[layout] for layout in LAYOUTS}
     candidates |= {(CHECKPOINT, TIMED_ROWS, "plain"): weights[CHECKPOINT]}
     candidates |= {(TRANSPOSED, m, form): weights[TRANSPOSED] for m in (TIMED_ROWS, MANY_ROWS) for form in ROWS_FORMS}
     candidates |= {(VOCABULARY, TIMED_ROWS, form): weights[VOCABULARY] for form in ROWS_FORMS}
-    seconds = {candidate: [] for candidate in candidates}
-    for _ in range(N_ROUNDS):
-        for (layout, m, form), ws in candidates.items():
-            started = time.perf_counter()
-            for w in ws:
-                ROWS_FORMS[form](rows[w.shape[0]][m], w)
-            seconds[(layout, m, form)].append(time.perf_counter() - started)
-    ms = {candidate: 1000 * statistics.median(times) for candidate, times in seconds.items()}
+    ms = median_ms(candidates)
+    del weights, candidates
+    wider_forms = {}
+    for n_embd in WIDER:  # one size's matrices at a time, in memory
+        stored = [np.ones((n_out, n_in), np.float32).T for n_in, n_out in timed_shapes(n_embd)]
+        ms |= median_ms({(f"n_embd {n_embd}", TIMED_ROWS, form): stored for form in ROWS_FORMS})
+        wider_forms[str(n_embd)] = min(ROWS_FORMS, key=lambda form: ms[(f"n_embd {n_embd}", TIMED_ROWS, form)])
     rows_form = min(ROWS_FORMS, key=lambda form: ms[(TRANSPOSED, TIMED_ROWS, form)])
     per_token = {layout: ms[(layout, 1, "plain")] + ms[(layout, TIMED_ROWS, "plain" if layout == CHECKPOINT
                                                          else rows_form)] / TIMED_ROWS for layout in LAYOUTS}
@@ -200,8 +216,21 @@ def measure(shapes=TIMED_SHAPES):
         else 2 * TIMED_ROWS
     vocabulary_form = min(ROWS_FORMS, key=lambda form: ms[(VOCABULARY, TIMED_ROWS, form)])
     return {"layout": min(per_token, key=per_token.get), "rows_form": rows_form, "most_rows": most_rows,
-            "vocabulary_form": vocabulary_form,
-            "measured_ms": {f"{layout}, {m} rows, {form}": round(t, 2) for (layout, m, form), t in ms.items()}}
+            "vocabulary_form": vocabulary_form, "wider_forms": wider_forms,
+            "measured_ms": {f"{what}, {m} rows, {form}": round(t, 2) for (what, m, form), t in ms.items()}}
+
+
+def median_ms(candidates):  # {(what, m, form): weights} -> {the same: ms of m rows through them in that form}
+    # the candidates in turn, round after round, each keeping its median
+    rows = {(w.shape[0], m): np.ones((m, w.shape[0]), np.float32) for (_, m, _), ws in candidates.items() for w in ws}
+    seconds = {candidate: [] for candidate in candidates}
+    for _ in range(N_ROUNDS):
+        for (what, m, form), ws in candidates.items():
+            started = time.perf_counter()
+            for w in ws:
+                ROWS_FORMS[form](rows[w.shape[0], m], w)
+            seconds[(what, m, form)].append(time.perf_counter() - started)
+    return {candidate: 1000 * statistics.median(times) for candidate, times in seconds.items()}
 
 
 def rows_times(x, w):  # [m, n_in], [n_in, n_out] -> [m, n_out]: x @ w, in the form this machine runs fastest
@@ -209,15 +238,19 @@ def rows_times(x, w):  # [m, n_in], [n_in, n_out] -> [m, n_out]: x @ w, in the f
     # any form; from some tens of rows on (at 2 flops per row for each 4 bytes of w, memory's 10-25 GB/s feed about
     # the 100-200 GFLOP/s of two cores' vector units) reading w no longer takes the time, and the form as written
     # runs at the speed of OpenBLAS's large products and hands out its rows as a C-ordered array
-    return in_form(x, w, "rows_form")
+    return in_form(x, w, form_of(w))
+
+
+def form_of(w):  # -> the form chosen for a few rows times w: its GPT-2 size's, by its smaller side (n_embd)
+    chosen = choices()
+    return chosen["wider_forms"].get(str(min(w.shape)), chosen["rows_form"])
 
 
 def vocabulary_times(x, wte):  # [m, n_embd], [n_vocab, n_embd] -> [m, n_vocab]: the logits x @ wte.T, likewise
-    return in_form(x, wte.T, "vocabulary_form")
+    return in_form(x, wte.T, choices()["vocabulary_form"])
 
 
-def in_form(x, w, choice):  # x @ w, for a few rows in the form choices()[choice]
-    chosen = choices()
-    if not 1 < len(x) <= chosen["most_rows"] or w.flags.c_contiguous:
+def in_form(x, w, form):  # x @ w, for a few rows in the given form (a key of ROWS_FORMS)
+    if not 1 < len(x) <= choices()["most_rows"] or w.flags.c_contiguous:
         return x @ w
-    return ROWS_FORMS[chosen[choice]](x, w)
+    return ROWS_FORMS[form](x, w)

@@ -47,7 +47,7 @@ SHAPES = {
 # whole or in parts, is measured per shape, as a user's is, in milliseconds at the tests' shapes; the gradient tests
 # hold both ways against autograd.
 PINNED_CHOICES = {"layout": machine.TRANSPOSED, "rows_form": "blocks", "most_rows": machine.MANY_ROWS,
-                  "vocabulary_form": "small_parts"}
+                  "vocabulary_form": "small_parts", "wider_forms": dict.fromkeys(map(str, machine.WIDER), "small_parts")}
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="gpt2-numpy-tests-")
 atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 machine.cache_path().parent.mkdir()

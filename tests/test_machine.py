@@ -41,11 +41,27 @@ def test_the_chosen_form_serves_from_two_rows_up_to_the_most_rows_measured(most_
     assert used == [2, most_rows]
 
 
+def test_the_matrices_of_a_wider_gpt2_and_the_vocabulary_get_the_forms_measured_for_them(monkeypatch):
+    used = []
+    for form in ("base", "wide", "vocabulary"):
+        monkeypatch.setitem(machine.ROWS_FORMS, form, lambda x, w, form=form: used.append(form) or x @ w)
+    wider_forms = dict(PINNED_CHOICES["wider_forms"], **{str(machine.WIDER[-1]): "wide"})
+    monkeypatch.setattr(machine, "_choices", dict(PINNED_CHOICES, rows_form="base", wider_forms=wider_forms,
+                                                  vocabulary_form="vocabulary"))
+    x = np.ones((2, machine.WIDER[-1]), np.float32)
+    for n_out in (machine.WIDER[-1], 4 * machine.WIDER[-1]):  # attention's c_proj, then c_fc: [n_in, n_out]
+        y = machine.rows_times(x, np.ones((n_out, machine.WIDER[-1]), np.float32).T)
+        assert y.shape == (2, n_out)
+    machine.rows_times(np.ones((2, 768), np.float32), np.ones((3072, 768), np.float32).T)  # 124M's c_fc
+    machine.vocabulary_times(x, np.ones((10, machine.WIDER[-1]), np.float32))
+    assert used == ["wide", "wide", "base", "vocabulary"]
+
+
 @pytest.fixture
 def choose(monkeypatch):  # choose(layout, rows_form): this process's choices, as if measured so
     def set_choices(layout, rows_form):  # the vocabulary's product in the same form
-        monkeypatch.setattr(machine, "_choices", {"layout": layout, "rows_form": rows_form,
-                                                  "most_rows": machine.MANY_ROWS, "vocabulary_form": rows_form})
+        monkeypatch.setattr(machine, "_choices", dict(PINNED_CHOICES, layout=layout, rows_form=rows_form,
+                                                      vocabulary_form=rows_form))
 
     return set_choices
 
@@ -83,7 +99,7 @@ def test_the_checkpoint_layout_writes_no_copy_and_the_transposed_one_does(choose
 def test_the_first_use_measures_this_machine_and_later_ones_remember_it(fresh_cache, monkeypatch):
     chosen = machine.choices()
     assert machine.valid(chosen) and chosen["machine"] == machine.machine_key()
-    assert len(chosen["measured_ms"]) == 15 and all(ms > 0 for ms in chosen["measured_ms"].values())
+    assert len(chosen["measured_ms"]) == 15 + 4 * len(machine.WIDER) and all(ms > 0 for ms in chosen["measured_ms"].values())
     assert json.loads(fresh_cache.read_text()) == chosen
     monkeypatch.setattr(machine, "_choices", None)
     monkeypatch.setattr(machine, "measure", lambda: pytest.fail("measured again"))
@@ -96,6 +112,7 @@ def test_the_first_use_measures_this_machine_and_later_ones_remember_it(fresh_ca
     json.dumps({"layout": machine.TRANSPOSED, "rows_form": "blocks"}),  # from before most_rows was measured
     json.dumps({"layout": machine.TRANSPOSED, "rows_form": "blocks", "most_rows": machine.MANY_ROWS,
                 "machine": machine.machine_key()}),  # from before the vocabulary's form was measured
+    json.dumps(dict(PINNED_CHOICES, machine=machine.machine_key(), wider_forms={"1600": "blocks"})),  # some sizes
     json.dumps(dict(PINNED_CHOICES, machine="another CPU; 2 cores; NumPy 1.0; OpenBLAS 0.1")),
     json.dumps(dict(PINNED_CHOICES, machine=machine.machine_key(), fastest={"a task": ["parts"]})),
 ])
