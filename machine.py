@@ -222,13 +222,14 @@ def measure(shapes=TIMED_SHAPES):
 
 def median_ms(candidates):  # {(what, m, form): weights} -> {the same: ms of m rows through them in that form}
     # the candidates in turn, round after round, each keeping its median
-    rows = {(w.shape[0], m): np.ones((m, w.shape[0]), np.float32) for (_, m, _), ws in candidates.items() for w in ws}
+    shapes = {(m, w.shape[0]) for (_, m, _), ws in candidates.items() for w in ws}
+    rows = {shape: np.ones(shape, np.float32) for shape in shapes}  # [m, n_in]
     seconds = {candidate: [] for candidate in candidates}
     for _ in range(N_ROUNDS):
         for (what, m, form), ws in candidates.items():
             started = time.perf_counter()
             for w in ws:
-                ROWS_FORMS[form](rows[w.shape[0], m], w)
+                ROWS_FORMS[form](rows[m, w.shape[0]], w)
             seconds[(what, m, form)].append(time.perf_counter() - started)
     return {candidate: 1000 * statistics.median(times) for candidate, times in seconds.items()}
 
