@@ -239,7 +239,7 @@ def rows_times(x, w):  # [m, n_in], [n_in, n_out] -> [m, n_out]: x @ w, in the f
     # any form; from some tens of rows on (at 2 flops per row for each 4 bytes of w, memory's 10-25 GB/s feed about
     # the 100-200 GFLOP/s of two cores' vector units) reading w no longer takes the time, and the form as written
     # runs at the speed of OpenBLAS's large products and hands out its rows as a C-ordered array
-    return in_form(x, w, form_of(w))
+    return in_form(x, w, form_of)
 
 
 def form_of(w):  # -> the form chosen for a few rows times w: its GPT-2 size's, by its smaller side (n_embd)
@@ -248,10 +248,11 @@ def form_of(w):  # -> the form chosen for a few rows times w: its GPT-2 size's, 
 
 
 def vocabulary_times(x, wte):  # [m, n_embd], [n_vocab, n_embd] -> [m, n_vocab]: the logits x @ wte.T, likewise
-    return in_form(x, wte.T, choices()["vocabulary_form"])
+    return in_form(x, wte.T, lambda _: choices()["vocabulary_form"])
 
 
-def in_form(x, w, form):  # x @ w, for a few rows in the given form (a key of ROWS_FORMS)
+def in_form(x, w, form_of_w):  # x @ w, for a few rows in the form form_of_w(w) names (a key of ROWS_FORMS)
+    # the form looked up only for a few rows: a decode step's single row asks for 49 products
     if not 1 < len(x) <= choices()["most_rows"] or w.flags.c_contiguous:
         return x @ w
-    return ROWS_FORMS[form](x, w)
+    return ROWS_FORMS[form_of_w(w)](x, w)
