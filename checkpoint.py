@@ -4,9 +4,11 @@ Both formats are parsed by hand from their bytes; tensors come back as read-only
 ndarrays: see _mapped).
 """
 import collections
+import contextlib
 import functools
 import json
 import math
+import mmap
 import os
 import zlib
 
@@ -197,7 +199,15 @@ def load_tf_checkpoint(prefix, names=None, verify_crc=False):
 def _mapped(path):  # -> the bytes of the file at path, read-only: a plain ndarray view of a memory map of it
     # not the np.memmap itself: its Python hooks run on every view of its arrays and every product with them (a
     # weight's .T took 0.7 µs instead of 0.07, a one-row product 1.7 µs more); the view keeps the map alive
-    return np.asarray(np.memmap(path, np.uint8, mode="r"))
+    mapped = np.memmap(path, np.uint8, mode="r")
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        # Pages of 2 MiB where the kernel can give a file's pages in them (Linux, on file systems with large folios,
+        # as ext4 and XFS have): each product streams its weights past the TLB, and in 4 KiB pages evicts the
+        # entries of everything else. Read from disk with this advice, 97 % of 124M's weights came in such pages,
+        # without it 73 %, and a token took 21.3-21.9 ms against 22.7-23.5 (Intel Xeon, kernel 6.18)
+        with contextlib.suppress(OSError):  # a kernel without transparent huge pages refuses the advice
+            mapped._mmap.madvise(mmap.MADV_HUGEPAGE)
+    return np.asarray(mapped)
 
 
 def mapped_file(array):  # -> the path of the file whose memory map array is a view of, or None if it is no such view

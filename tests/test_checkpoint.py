@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -142,6 +143,27 @@ def test_tensors_are_read_only_plain_views_of_a_memory_map(fixture_model):
         assert os.path.samefile(mapped_file(value), prefix + DATA), tensor
     with pytest.raises(ValueError, match="read-only"):
         tensors["model/wte"][0, 0] = 1.0
+
+
+def mapping_flags(path):  # -> the VmFlags of each memory map of the file at path in this process (Linux's smaps)
+    maps = re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", Path("/proc/self/smaps").read_text())
+    return [re.search(r"^VmFlags:(.*)$", lines, re.M).group(1).split() for lines in maps
+            if lines.split("\n", 1)[0].endswith(" " + os.path.realpath(path))]
+
+
+@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage").is_dir(),
+                    reason="needs Linux with transparent huge pages")
+@pytest.mark.parametrize("file_format", ["tensorflow", "safetensors"])
+def test_weights_are_mapped_with_the_advice_to_use_2_mib_pages(fixture_model, tmp_path, file_format):
+    prefix = prefix_of(fixture_model("tiny")[0])
+    if file_format == "tensorflow":
+        path, tensors = prefix + DATA, load_tf_checkpoint(prefix)
+    else:
+        path = tmp_path / "model.safetensors"
+        save_safetensors(path, load_tf_checkpoint(prefix))
+        tensors = load_safetensors(path)
+    flags = mapping_flags(path)
+    assert tensors and flags and all("hg" in each for each in flags)  # "hg": MADV_HUGEPAGE advised
 
 
 def test_names_selects_which_tensors_are_returned(fixture_model):
