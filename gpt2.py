@@ -27,7 +27,7 @@ from threads import MIN_PART_ROWS, in_parts, set_blas_threads
 from utils import check_model_choice, load_encoder_hparams_and_params
 
 
-def gelu(x):  # [...] -> [...]
+def gelu(x, out=None):  # [...] -> [...], into out if given (x itself may be out)
     # GPT-2's tanh form, 0.5 * x * (1 + tanh(u)) with u = sqrt(2 / pi) * (x + 0.044715 * x**3), evaluated as
     # x / (1 + exp(-2u)): the same function, since 1 + tanh(u) = 2 / (1 + exp(-2u)). NumPy's float32 exp is
     # vectorised and its tanh is not (this is 1.5x faster), and nothing cancels where tanh(u) is near -1.
@@ -42,7 +42,7 @@ def gelu(x):  # [...] -> [...]
     np.minimum(y, 80, out=y)
     np.exp(y, out=y)
     y += 1
-    return np.divide(x, y, out=y)
+    return np.divide(x, y, out=y if out is None else out)
 
 
 def softmax(x):  # [..., n] -> [..., n]
@@ -89,26 +89,23 @@ def linear(x, w, b):  # [..., m], [m, n], [n] -> [..., n]
     return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
-def in_row_blocks(fn, x, n_rows=64):  # fn(x) for an fn that keeps the shape and computes each row alone
+def in_row_blocks(update, rows, n_rows=64):  # update(block) for each block of rows [n, m], which it updates in place
     # A block of rows at a time: on a long prompt, a block that fits the CPU's cache stays there through all of
-    # fn's passes over it, where the whole array would be read from memory again on each pass. And the blocks go
+    # update's passes over it, where the whole array would be read from memory again on each pass. And the blocks go
     # in parts, one per core (NumPy would make each pass on one core)
-    rows = x.reshape(-1, x.shape[-1])
-    if len(rows) <= n_rows:
-        return fn(x)
-    y = np.empty_like(rows)
-
     def blocks(part):
         for begin in range(part.start, part.stop, n_rows):
-            end = min(begin + n_rows, part.stop)
-            y[begin:end] = fn(rows[begin:end])
+            update(rows[begin : min(begin + n_rows, part.stop)])
 
     in_parts(blocks, len(rows), MIN_PART_ROWS)
-    return y.reshape(x.shape)
 
 
 def ffn(x, c_fc, c_proj):  # [..., n_seq, n_embd] -> [..., n_seq, n_embd]
-    return linear(in_row_blocks(gelu, linear(x, **c_fc)), **c_proj)
+    # linear(gelu(linear(x, **c_fc)), **c_proj), with c_fc's bias added in the blocks gelu goes in, in the product's
+    # own memory: a 512-token prompt's pass of the bias over all of [512, 3072] took 0.4 ms a layer from memory
+    hidden = rows_times(x.reshape(-1, x.shape[-1]), c_fc["w"])  # [n_rows, 4 * n_embd]
+    in_row_blocks(lambda block: gelu(np.add(block, c_fc["b"], out=block), out=block), hidden)
+    return linear(hidden.reshape(*x.shape[:-1], -1), **c_proj)
 
 
 def attention(q, k, v, mask):  # [..., n_q, d], [..., n_k, d], [..., n_k, d], [..., n_q, n_k] -> [..., n_q, d]
