@@ -202,9 +202,10 @@ def _mapped(path):  # -> the bytes of the file at path, read-only: a plain ndarr
     mapped = np.memmap(path, np.uint8, mode="r")
     if hasattr(mmap, "MADV_HUGEPAGE"):
         # Pages of 2 MiB where the kernel can give a file's pages in them (Linux, on file systems with large folios,
-        # as ext4 and XFS have): each product streams its weights past the TLB, and in 4 KiB pages evicts the
-        # entries of everything else. Read from disk with this advice, 97 % of 124M's weights came in such pages,
-        # without it 73 %, and a token took 21.3-21.9 ms against 22.7-23.5 (Intel Xeon, kernel 6.18)
+        # as ext4 and XFS have): a product streams through its weights, which in 4 KiB pages take a TLB entry for
+        # every 4 KiB of them. Loaded from an empty page cache with this advice, 99 % of 1558M's weights came
+        # in such pages, without it 15-25 %, and a token took 251-261 ms against 290-295 (124M: 97 % against 73 %,
+        # 21.3-21.9 ms against 22.7-23.5; Intel Xeon, Linux 6.18, ext4)
         with contextlib.suppress(OSError):  # a kernel without transparent huge pages refuses the advice
             mapped._mmap.madvise(mmap.MADV_HUGEPAGE)
     return np.asarray(mapped)
