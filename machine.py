@@ -59,7 +59,7 @@ def in_small_parts(x, w):  # x @ w with w.T cut into blocks that OpenBLAS takes 
     y = np.empty((m, len(stored)), x.dtype)
     blocks = stored[: n_blocks * n_rows].reshape(n_blocks, n_rows, n_in).swapaxes(1, 2)
     y_blocks = y[:, : n_blocks * n_rows].reshape(m, n_blocks, n_rows).swapaxes(0, 1)  # views of y, written in place
-    in_parts(lambda part: np.matmul(x, blocks[part], out=y_blocks[part]), n_blocks, 1)
+    in_parts(lambda part: np.matmul(x, blocks[part], out=y_blocks[part]), n_blocks, 1, small_products=True)
     np.matmul(x, stored[n_blocks * n_rows :].T, out=y[:, n_blocks * n_rows :])
     return y
 
@@ -93,6 +93,9 @@ WIDER = (1024, 1280, 1600)
 TIMED_ROWS = 8  # a batch's rows, or a short prompt's
 MANY_ROWS = 32  # a prompt's, or an uncached sequence's: where OpenBLAS's product as written may be back in front
 VOCABULARY_SHAPE = gpt2_layout(768)["wte"][::-1]  # [n_embd, n_vocab] of GPT-2 124M: the vocabulary's weight
+# Raised whenever the way a form runs changes (which can change which form wins), so that choices measured before
+# are measured again
+FORMS_VERSION = 2
 N_ROUNDS = 3  # the candidates run in turn, round after round, and each keeps its median: drift hits all alike
 N_TRIALS = 2  # fastest's ways, each its least time of two: a way's first run also pays for touching new memory
 
@@ -103,10 +106,11 @@ def cache_path():
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt2-numpy" / "machine.json"
 
 
-def machine_key():  # -> what the choices depend on: the CPU, how many cores, NumPy, its BLAS and the BLAS's kernels
+def machine_key():  # -> what the choices depend on: the CPU, how many cores, NumPy, its BLAS, the BLAS's kernels, and
+    # the way the forms run (FORMS_VERSION)
     blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
     return (f"{cpu_name()}; {os.cpu_count()} cores; NumPy {np.__version__}; {blas['name']} {blas['version']} "
-            f"({openblas_kernels() or 'unknown'} kernels)")
+            f"({openblas_kernels() or 'unknown'} kernels); forms {FORMS_VERSION}")
 
 
 def cpu_name(cpuinfo="/proc/cpuinfo"):  # -> the CPU's name, with its family and model where the system gives them

@@ -115,6 +115,8 @@ def test_the_first_use_measures_this_machine_and_later_ones_remember_it(fresh_ca
                 "machine": machine.machine_key()}),  # from before the vocabulary's form was measured
     json.dumps(dict(PINNED_CHOICES, machine=machine.machine_key(), wider_forms={"1600": "blocks"})),  # some sizes
     json.dumps(dict(PINNED_CHOICES, machine="another CPU; 2 cores; NumPy 1.0; OpenBLAS 0.1")),
+    json.dumps(dict(PINNED_CHOICES, machine=machine.machine_key().replace(  # before the forms' way of running changed
+        f"forms {machine.FORMS_VERSION}", f"forms {machine.FORMS_VERSION - 1}"))),
     json.dumps(dict(PINNED_CHOICES, machine=machine.machine_key(), fastest={"a task": ["parts"]})),
 ])
 def test_a_cache_that_is_damaged_or_of_another_machine_is_measured_again(cached, fresh_cache, monkeypatch):

@@ -32,6 +32,15 @@ def test_as_many_parts_as_openblas_threads_when_each_gets_min_part(blas_threads,
     assert threads.blas_threads() == n_blas
 
 
+def test_parts_of_small_products_leave_openblas_its_thread_count(blas_threads):
+    # OpenBLAS's small kernels run on one thread at any count, and each change of the count costs
+    blas_threads(2)
+    parts = threads.in_parts(seen, 10, min_part=3, small_products=True)
+    assert [(start, stop) for start, stop, _, _ in parts] == [(0, 5), (5, 10)]
+    assert parts[0][2] == threading.get_ident() and parts[1][2] != parts[0][2]
+    assert [n_threads for *_, n_threads in parts] == [2, 2] and threads.blas_threads() == 2
+
+
 def test_a_part_that_asks_for_parts_gets_one(blas_threads):
     blas_threads(2)
     parts = threads.in_parts(lambda part: threads.in_parts(seen, 10, min_part=1), 10, min_part=1)
