@@ -14,7 +14,7 @@ import numpy as np
 
 import machine
 from errors import GPT2Error
-from gpt2 import causal_mask, normalize, row_means
+from gpt2 import causal_mask, column_sums, normalize, row_means, row_sums
 from memory import FLOAT32, available_bytes
 from params import leaves, tree_map
 from threads import MIN_PART_ROWS, blas_threads, in_parts
@@ -41,10 +41,9 @@ def layer_norm_forward(x, g, b, eps: float = 1e-5):
 
 
 def layer_norm_backward(dln, dout, x_hat, rstd, g):  # [..., n_embd] -> dx [..., n_embd]; dln {g, b} written
-    rows = tuple(range(dout.ndim - 1))
     # out = x_hat * g + b
-    np.sum(dout * x_hat, axis=rows, out=dln["g"])
-    np.sum(dout, axis=rows, out=dln["b"])
+    column_sums((dout * x_hat).reshape(-1, dout.shape[-1]), out=dln["g"])
+    column_sums(dout.reshape(-1, dout.shape[-1]), out=dln["b"])
     dx_hat = dout * g
     # x_hat = (x - mean(x)) * rstd: the mean and the variance depend on every x of the row, hence the two means
     dx = dx_hat - row_means(dx_hat)
@@ -64,7 +63,7 @@ def linear_backward(dlinear, dout, x, w):  # [..., n_out] -> dx [..., n_in]; dli
     # y = x @ w + b, with x as one [n_rows, n_in] matrix
     dout2, x2 = dout.reshape(-1, dout.shape[-1]), x.reshape(-1, x.shape[-1])
     np.matmul(x2.T, dout2, out=dlinear["w"])
-    np.sum(dout2, axis=0, out=dlinear["b"])
+    column_sums(dout2, out=dlinear["b"])
     return (dout2 @ w.T).reshape(*dout.shape[:-1], w.shape[0])
 
 
@@ -141,7 +140,7 @@ def attention_forward(qkv, n_head):
         a += mask
         a -= np.max(a, axis=-1, keepdims=True)
         np.exp(a, out=a)
-        a /= np.sum(a, axis=-1, keepdims=True)
+        a /= row_sums(a)
         np.matmul(a, v[rows], out=y[rows].transpose(0, 2, 1, 3))  # each head straight into its columns of the merge
 
     by_batch_rows(part, n_batch, n_seq)
@@ -161,7 +160,7 @@ def attention_backward(dout, qkv, att, n_head):  # [n_batch, n_seq, n_embd] -> d
         datt = dy[rows] @ v[rows].swapaxes(-1, -2)
         # att = softmax(scores): dscores = att * (datt - sum(att * datt)); the masked scores have att = 0
         dscores = datt * att[rows]
-        datt -= np.sum(dscores, axis=-1, keepdims=True)
+        datt -= row_sums(dscores)
         np.multiply(att[rows], datt, out=dscores)
         # scores = q @ k.T / sqrt(d)
         dscores *= 1 / math.sqrt(d)
