@@ -42,8 +42,8 @@ def layer_norm_forward(x, g, b, eps: float = 1e-5):
 
 def layer_norm_backward(dln, dout, x_hat, rstd, g):  # [..., n_embd] -> dx [..., n_embd]; dln {g, b} written
     # out = x_hat * g + b
-    column_sums((dout * x_hat).reshape(-1, dout.shape[-1]), out=dln["g"])
-    column_sums(dout.reshape(-1, dout.shape[-1]), out=dln["b"])
+    column_sums(dout * x_hat, out=dln["g"])
+    column_sums(dout, out=dln["b"])
     dx_hat = dout * g
     # x_hat = (x - mean(x)) * rstd: the mean and the variance depend on every x of the row, hence the two means
     dx = dx_hat - row_means(dx_hat)

@@ -60,9 +60,10 @@ def row_means(x):  # [..., n] -> [..., 1]
     return row_sums(x) / x.shape[-1]
 
 
-def column_sums(x, out=None):  # [n_rows, n] -> [n], into out if given
+def column_sums(x, out=None):  # [..., n] -> [n], the sum over every row, into out if given
     # likewise: [384, 512] in 9.4 µs, where np.sum(x, axis=0) took 20.8
-    return np.matmul(ones(len(x), x.dtype), x, out=out)
+    rows = x.reshape(-1, x.shape[-1])
+    return np.matmul(ones(len(rows), x.dtype), rows, out=out)
 
 
 @functools.cache
