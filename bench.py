@@ -20,7 +20,7 @@ import numpy as np
 
 from checkpoint import mapped_file
 from errors import GPT2Error
-from gpt2 import check, is_int, warn_no_effect
+from gpt2 import check, check_threads, is_int, warn_no_effect
 from params import leaves
 from threads import openblas_kernels
 from utils import SIZE_HPARAMS, check_model_choice, load_encoder_hparams_and_params
@@ -404,7 +404,7 @@ def check_flags(model_size, model_dir, n_new, threads, train, runs):
     """A GPT2Error for a flag no run could use, before anything is built or run; a warning for one without effect."""
     check_model_choice(model_size, model_dir)
     check(is_int(n_new) and 1 <= n_new <= MAX_N_NEW, "n_new", f"a whole number from 1 to {MAX_N_NEW}", n_new)
-    check(is_int(threads) and threads >= 1, "threads", "a whole number >= 1", threads)
+    check_threads(threads)
     check(is_int(runs) and runs >= 1, "runs", "a whole number >= 1", runs)
     if train:
         ignored = [name for name, is_set in (("model_size", model_size is not None), ("model_dir", model_dir is not None),

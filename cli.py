@@ -75,6 +75,9 @@ class CommandLineParser(argparse.ArgumentParser):
         return action
 
     def error(self, message):  # one line, instead of argparse's usage block
+        # argparse takes a value that begins with - (--stop ---) for a flag, and says the flag before it has none
+        if flag := re.fullmatch(r"argument (--\w+): expected one argument", message):
+            message = f"{flag[1]} needs a value; give one that begins with - as {flag[1]}=VALUE"
         self.exit(2, f"error: {message} (see --help)\n")
 
 

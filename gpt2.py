@@ -7,10 +7,12 @@ import codecs
 import contextlib
 import functools
 import inspect
+import io
 import itertools
 import json
 import math
 import os
+import re
 import stat
 import sys
 import time
@@ -240,14 +242,19 @@ def filter_probs(probs, top_k=None, top_p=1.0, min_p=0.0):  # [n_vocab] -> [n_vo
 def penalize_repetition(logits, seen, penalty):  # [..., n_vocab], [..., n_vocab] bool -> [..., n_vocab]
     # Hugging Face's RepetitionPenaltyLogitsProcessor (from CTRL): the logit of each token already in the text is
     # divided by the penalty where positive and multiplied by it where negative, so it always falls (penalty > 1)
-    return np.where(seen, np.where(logits < 0, logits * penalty, logits / penalty), logits)
+    with np.errstate(over="ignore"):  # a penalty far from 1 may take a logit to +-inf, which choose expects
+        return np.where(seen, np.where(logits < 0, logits * penalty, logits / penalty), logits)
 
 
 def choose(logits, rng, temperature=0.0, top_k=None, top_p=1.0, min_p=0.0):  # [n_vocab] -> token id
     if temperature == 0:
         return int(np.argmax(logits))
+    logits = logits.astype(np.float64)
+    peak = logits.max()
+    if np.isinf(peak):  # a repetition penalty far from 1 took logits past float32's range: the extreme ones share it all
+        logits, peak = np.where(logits == peak, 0.0, -np.inf), 0.0
     # the largest logit subtracted before dividing: a tiny temperature then gives 0 and -inf, never inf - inf
-    probs = np.exp(log_softmax((logits.astype(np.float64) - logits.max()) / temperature))
+    probs = np.exp(log_softmax((logits - peak) / temperature))
     return int(rng.choice(len(probs), p=filter_probs(probs, top_k, top_p, min_p)))
 
 
@@ -327,6 +334,20 @@ def check_count(n_tokens_to_generate):
           n_tokens_to_generate)
 
 
+def check_ids(ids, n_vocab, argument):  # a GPT2Error unless each of ids is a token id of a vocabulary of n_vocab
+    # before the model reads wte[ids]: a negative id would read another token's row, and a target past the end a
+    # logit of no token
+    for token_id in ids:
+        check(is_int(token_id) and 0 <= token_id < n_vocab, argument,
+              f"token ids, whole numbers from 0 to {n_vocab - 1}", token_id)
+
+
+def check_threads(threads):  # None: as many as NumPy's BLAS chose
+    # OpenBLAS's setter takes a C int, which ctypes would wrap (2**32 + 1 threads as 1) or refuse with a traceback
+    check(threads is None or is_int(threads) and 1 <= threads < 2**31, "threads", "a whole number from 1 to 2**31 - 1",
+          threads)
+
+
 def endoftext(endoftext_id, n_vocab):
     # <|endoftext|>: GPT-2 was trained with it between documents, so it also starts a fresh one. Its id comes from
     # the vocabulary (encoder.encoder["<|endoftext|>"]); by default the last, where GPT-2 and the byte-level
@@ -339,6 +360,7 @@ def generate_stream(inputs, params, n_head, n_tokens_to_generate, stop_at_endoft
     n_ctx, n_vocab = params["wpe"].shape[0], params["wte"].shape[0]
     eot = endoftext(endoftext_id, n_vocab)
     inputs = list(inputs) or [eot]  # an empty prompt starts a fresh document
+    check_ids(inputs, n_vocab, "inputs")
     check_count(n_tokens_to_generate)
     if len(inputs) > n_ctx:
         raise GPT2Error(f"the prompt is {len(inputs)} tokens but this model's context holds {n_ctx}: shorten the prompt")
@@ -376,6 +398,8 @@ def generate_batch_stream(prompts, params, n_head, n_tokens_to_generate, stop_at
     prompts = [list(p) or [eot] for p in prompts]
     if not prompts:
         raise GPT2Error("no prompts to generate for: give at least one")
+    for prompt in prompts:
+        check_ids(prompt, n_vocab, "prompts")
     longest = max(len(p) for p in prompts)
     check_count(n_tokens_to_generate)
     if longest + n_tokens_to_generate > n_ctx:  # rows share one window, which cannot slide
@@ -514,6 +538,7 @@ def score_stream(id_chunks, params, n_head):
     stride = n_ctx // 2
     window, n_old, n_windows = [], 1, 0  # the ids from the window's first on, of which n_old are scored already
     for chunk in id_chunks:
+        check_ids(chunk, len(params["wte"]), "ids")
         for begin in range(0, len(chunk), n_ctx):
             window.extend(chunk[begin : begin + n_ctx])
             while len(window) >= n_ctx:
@@ -547,15 +572,20 @@ def score_text(file, path, encoder, params, n_head, read_bytes=READ_BYTES, bar=N
     return score_stream(encode_pieces(pieces, encoder, MAX_UNCUT_CHARS), params, n_head)
 
 
-def open_text(path):  # a file to read text from, standard input for "-", None for None
+def open_text(path, argument):  # a file to read text from, standard input for "-", None for None
+    # argument: the one whose value path is, which the errors name
     if path is None:
         return None
     if path == "-":
-        return sys.stdin
+        if sys.stdin is None:
+            raise GPT2Error(f"cannot read {argument} -: standard input is closed", arguments=(argument,))
+        # strictly UTF-8: sys.stdin turns bytes that are not into lone surrogates in some locales (C.UTF-8); and
+        # lines end at \n only, as sys.stdin reads them
+        return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", newline="\n")
     try:
         return open(path, encoding="utf-8")
     except OSError as e:
-        raise GPT2Error(f"cannot read {path}: {e.strerror}") from None
+        raise GPT2Error(f"cannot read {argument} {path}: {e.strerror}", arguments=(argument,)) from None
 
 
 def file_size(file):  # the bytes of a regular file; None for a pipe, a terminal or a device, which have no size
@@ -564,15 +594,18 @@ def file_size(file):  # the bytes of a regular file; None for a pipe, a terminal
 
 
 @contextlib.contextmanager
-def reading(path):  # what goes wrong reading the file at path, as a GPT2Error that names it
+def reading(path, argument):  # what goes wrong reading the file at path, as a GPT2Error that names it and argument
     try:
         yield
-    except (OSError, UnicodeDecodeError) as e:
-        raise GPT2Error(f"cannot read {path}: {e}") from None
+    except OSError as e:
+        raise GPT2Error(f"cannot read {argument} {path}: {e.strerror or e}", arguments=(argument,)) from None
+    except UnicodeDecodeError as e:
+        raise GPT2Error(f"{argument} {path} is not valid UTF-8 text ({e.reason}): save it as UTF-8",
+                        arguments=(argument,)) from None
 
 
-def read_text(file, path, max_chars=-1):  # the text of a file from open_text, and close it; at most max_chars + 1
-    with file, reading(path):
+def read_text(file, path, argument, max_chars=-1):  # the text of a file from open_text, closed; <= max_chars + 1
+    with file, reading(path, argument):
         return file.read(max_chars + 1 if max_chars >= 0 else -1)
 
 
@@ -585,7 +618,7 @@ def max_prompt_chars(encoder, n_ctx):  # the most characters a prompt that fits 
 def read_prompt(file, path, encoder, hparams):  # the prompt in a file, refused after a bounded read if it can't fit
     n_ctx = hparams["n_ctx"]
     max_chars = max_prompt_chars(encoder, n_ctx)
-    text = read_text(file, path, max_chars)
+    text = read_text(file, path, "prompt_file", max_chars)
     if len(text) > max_chars:
         raise GPT2Error(f"prompt_file {path} holds more than {max_chars} characters, more than this model's context "
                         f"of {n_ctx} tokens can hold: shorten it (score_file scores a text of any length)",
@@ -603,7 +636,7 @@ def read_prompts(file, path, encoder, hparams):
     max_chars = max_prompt_chars(encoder, n_ctx)
     with file:
         for number in itertools.count(1):
-            with reading(path):
+            with reading(path, "prompts_file"):
                 line = file.readline(max_chars + 1)
             if len(line) > max_chars and not line.endswith("\n"):
                 raise GPT2Error(f"line {number} of prompts_file {path} holds more than {max_chars} characters, more "
@@ -618,7 +651,11 @@ def unescape(text, argument):  # text with the escapes of a Python string litera
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # an unknown escape such as \q is a mistake, not a backslash and a q
-            return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+            # unicode_escape reads bytes: the runs of characters beyond Latin-1 stay as they are, between the pieces
+            # it reads, so that a backslash before one ends its piece and is refused as \é is
+            pieces = re.split("([^\x00-\xff]+)", text)
+            return "".join(piece if i % 2 else piece.encode("latin-1").decode("unicode_escape")
+                           for i, piece in enumerate(pieces))
     except (UnicodeDecodeError, Warning):
         raise GPT2Error(f'{argument} "{text}" has a backslash that starts no escape: write \\\\ for a backslash '
                         r"(escapes: \n \t \r \\ \xhh \uhhhh)", arguments=(argument,)) from None
@@ -692,8 +729,8 @@ def main(prompt: str = "", /, n_tokens_to_generate=40, model_size: str | None = 
     sampling, stop = check_arguments(arguments)
     if threads is not None:
         set_blas_threads(threads)
-    # opened before loading: a missing file is reported before anything is downloaded
-    text_file = open_text(next((path for path in (prompt_file, prompts_file, score_file) if path is not None), None))
+    text_argument = next((name for name in TEXT_SOURCES[1:] if arguments[name] is not None), None)
+    text_file = open_text(arguments.get(text_argument), text_argument)  # before loading: reported before downloading
     model = load_encoder_hparams_and_params(model_size, models_dir, model_dir)
     options = dict(sampling._asdict(), stop_at_endoftext=not ignore_endoftext,
                    endoftext_id=model[0].encoder.get("<|endoftext|>"))
@@ -718,10 +755,13 @@ def check_arguments(arguments):
                if arguments[name] != parameter.default]
     num_samples, threads = arguments["num_samples"], arguments["threads"]
     check_count(arguments["n_tokens_to_generate"])
-    check_sampling(sampling)
+    with warnings.catch_warnings():
+        if arguments["score_file"] is not None:  # warn_unused says why scoring ignores them, not what greedy would
+            warnings.simplefilter("ignore", GPT2Warning)
+        check_sampling(sampling)
     check_model_choice(arguments["model_size"], arguments["model_dir"])
     check(is_int(num_samples) and num_samples >= 1, "num_samples", "a whole number >= 1", num_samples)
-    check(threads is None or is_int(threads) and threads >= 1, "threads", "a whole number >= 1", threads)
+    check_threads(threads)
     stop = tuple(unescape(text, "stop") for text in arguments["stop"])
     check(all(stop), "stop", "a non-empty string (an empty one would end the text before it began)", "")
     texts = [name for name in TEXT_SOURCES if name in changed]
@@ -741,6 +781,8 @@ def warn_unused(arguments, changed):  # a warning for each argument that the oth
     unused_by_scoring = [name for name in GENERATION_ONLY if name in changed]
     if arguments["score_file"] is not None and unused_by_scoring:
         warn_no_effect(unused_by_scoring, "with score_file, which generates nothing", "score_file")
+    if arguments["model_dir"] is not None and "models_dir" in changed:
+        warn_no_effect(["models_dir"], "with model_dir, which names the model's folder itself", "model_dir")
     if arguments["per_token"] and arguments["score_file"] is None:
         warn_no_effect(["per_token"], "without score_file", "score_file")
     if arguments["echo"] and (arguments["prompts_file"] is not None or arguments["num_samples"] > 1):
@@ -754,7 +796,7 @@ def print_scores(model, file, path, per_token, times):  # -> the number of token
     with file, progress(total=file_size(file), desc="scoring", unit="B", unit_scale=True) as bar:
         # newlines as file itself reads them: a file open_text opened translates \r\n and \r, standard input does not
         scored = score_text(file.buffer, path, encoder, params, hparams["n_head"], bar=bar,
-                            translate_newlines=file is not sys.stdin)
+                            translate_newlines=path != "-")
         for ids, logprobs in scored:
             if per_token:
                 write_out("".join(f"{json.dumps(encoder.decode([next_id]), ensure_ascii=False)}\t{logprob:.6f}\n"

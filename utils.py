@@ -75,7 +75,9 @@ def load_encoder_hparams_and_params(model_size=None, models_dir="models", model_
             return load_openai_folder(model_dir, fast_layout)
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
-        raise GPT2Error(f"model folder {model_dir} does not exist: give the folder that holds the model's files")
+        what = "is not a folder" if model_dir.exists() else "does not exist"
+        raise GPT2Error(f"model_dir {model_dir} {what}: give the folder that holds the model's files",
+                        arguments=("model_dir",))
     layout = choose_layout(model_dir, {path.name for path in model_dir.iterdir() if path.is_file()})
     return (load_openai_folder if layout == OPENAI_LAYOUT else load_hf_folder)(model_dir, fast_layout)
 
@@ -85,6 +87,8 @@ def check_model_choice(model_size, model_dir):
     if model_size is not None and model_dir is not None:
         raise GPT2Error("give model_size or model_dir, not both: model_dir loads that folder, whatever its size",
                         arguments=("model_size", "model_dir"))
+    if model_dir is not None and not str(model_dir):  # Path("") would be the current folder
+        raise GPT2Error("model_dir must be a folder's path, got ''", arguments=("model_dir",))
     if model_size is not None and model_size not in MODEL_SIZES:
         raise GPT2Error(f"model_size must be one of {', '.join(MODEL_SIZES)}, got {model_size!r}",
                         arguments=("model_size",))

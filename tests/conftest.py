@@ -58,11 +58,11 @@ OFFLINE = dict(os.environ, GPT2_BASE_URL="http://127.0.0.1:1")
 
 def run_script(script, *args, stdin=None, env=None):
     """Run a script of the repository (or the script at an absolute path) in a subprocess, offline unless env says
-    otherwise. args may hold bytes, for text that is not UTF-8. stdout and stderr come back as text exactly as
-    written: no newline is translated."""
+    otherwise. args and stdin may be bytes, for text that is not UTF-8. stdout and stderr come back as text exactly
+    as written: no newline is translated."""
     result = subprocess.run(
         [sys.executable, str(ROOT / script), *(a if isinstance(a, bytes) else str(a) for a in args)],
-        capture_output=True, input=None if stdin is None else stdin.encode(), env=env or OFFLINE, timeout=300,
+        capture_output=True, input=stdin.encode() if isinstance(stdin, str) else stdin, env=env or OFFLINE, timeout=300,
     )
     result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode(errors="backslashreplace")
     return result

@@ -115,7 +115,36 @@ def test_prompt_file_and_standard_input(models_dir, model, tmp_path):
     from_file = run("gpt2.py", "--prompt_file", prompt_file, "--n_tokens_to_generate", 5, "--models_dir", models_dir)
     from_stdin = run("gpt2.py", "--prompt_file", "-", "--n_tokens_to_generate", 5, "--models_dir", models_dir, stdin=TURING)
     assert from_file.stdout == from_stdin.stdout == expected
-    assert_clean_error(run("gpt2.py", "--prompt_file", tmp_path / "absent.txt", "--models_dir", models_dir), "absent.txt")
+    assert_clean_error(run("gpt2.py", "--prompt_file", tmp_path / "absent.txt", "--models_dir", models_dir),
+                       "--prompt_file", "absent.txt")
+
+
+def test_a_prompt_files_newlines_are_read_as_python_reads_a_text_file_and_standard_inputs_are_kept(models_dir,
+                                                                                                   tmp_path):
+    (tmp_path / "prompt.txt").write_bytes(b"ab\r\ncd\re")
+    echoed = ["--echo", "--n_tokens_to_generate", 0, "--models_dir", models_dir]
+    assert run("gpt2.py", "--prompt_file", tmp_path / "prompt.txt", *echoed).stdout == "ab\ncd\ne\n"
+    assert run("gpt2.py", "--prompt_file", "-", *echoed, stdin=b"ab\r\ncd\re").stdout == "ab\r\ncd\re\n"
+
+
+@pytest.mark.parametrize("flag, words", [("--prompt_file", ["--prompt_file -"]), ("--prompts_file", ["--prompts_file -"]),
+                                         ("--score_file", ["-"])])
+def test_standard_input_that_is_not_utf8_is_one_line(flag, words, models_dir):
+    # in the C.UTF-8 locale Python's own sys.stdin would turn the byte into a lone surrogate instead
+    result = run("gpt2.py", flag, "-", "--models_dir", models_dir, stdin=b"caf\xe9\n")
+    assert_clean_error(result, *words, "not valid UTF-8")
+
+
+def test_a_model_dir_that_is_not_a_folder_is_one_line(tmp_path):
+    (tmp_path / "text.txt").write_text(TURING, encoding="utf-8")
+    assert_clean_error(run("gpt2.py", TURING, "--model_dir", tmp_path / "text.txt"), "--model_dir", "is not a folder")
+    assert_clean_error(run("gpt2.py", TURING, "--model_dir", ""), "--model_dir", "''")  # not the current folder
+
+
+def test_a_closed_standard_input_is_one_line(models_dir):
+    result = subprocess.run([sys.executable, ROOT / "gpt2.py", "--prompt_file", "-", "--models_dir", models_dir],
+                            capture_output=True, text=True, env=OFFLINE, preexec_fn=lambda: os.close(0), timeout=300)
+    assert_clean_error(result, "--prompt_file -", "standard input is closed")
 
 
 def test_prompts_file_prints_each_rows_single_prompt_continuation(models_dir, model, tmp_path):
@@ -336,13 +365,22 @@ def test_an_option_without_effect_is_one_warning_and_the_work_still_runs(args, w
     assert result.stderr.splitlines() == [result.stderr.strip()] and result.stderr.startswith(f"warning: {warning}")
 
 
-def test_generation_options_say_they_do_nothing_when_scoring(models_dir, tmp_path):
+@pytest.mark.parametrize("args, named", [(["--temperature", 0.7, "--stop", "."], "--temperature and --stop"),
+                                         (["--top_k", 5], "--top_k")])  # not also "at temperature 0"
+def test_generation_options_say_they_do_nothing_when_scoring(args, named, models_dir, tmp_path):
     (tmp_path / "text.txt").write_text(TURING, encoding="utf-8")
-    result = run("gpt2.py", "--score_file", tmp_path / "text.txt", "--temperature", 0.7, "--stop", ".",
-                 "--models_dir", models_dir)
+    result = run("gpt2.py", "--score_file", tmp_path / "text.txt", *args, "--models_dir", models_dir)
     assert result.returncode == 0 and result.stdout.startswith("tokens scored: ")
-    assert result.stderr == "warning: --temperature and --stop have no effect with --score_file, which generates " \
-                            "nothing\n"
+    verb = "have" if " and " in named else "has"
+    assert result.stderr == f"warning: {named} {verb} no effect with --score_file, which generates nothing\n"
+
+
+def test_models_dir_beside_model_dir_says_it_does_nothing(models_dir, model):
+    result = run("gpt2.py", TURING, "--n_tokens_to_generate", 5, "--model_dir", models_dir / "124M", "--models_dir",
+                 "elsewhere")
+    assert result.stdout == continuation(model, TURING, 5) + "\n"
+    assert result.stderr == "warning: --models_dir has no effect with --model_dir, which names the model's folder " \
+                            "itself\n"
 
 
 # --- what people expect of a generate command ----------------------------------------------------------------------

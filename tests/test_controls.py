@@ -260,6 +260,36 @@ def test_seed_minus_one_samples_from_a_fresh_seed(tiny):
     assert len(gpt2.generate(PROMPT, params, n_head, 5, temperature=1.0, seed=-1, stop_at_endoftext=False)) == 5
 
 
+def test_a_repetition_penalty_far_below_1_still_samples(tiny):
+    # seen tokens' positive logits divided by 1e-40 leave float32's range
+    _, params, n_head = tiny
+    ids = gpt2.generate(PROMPT, params, n_head, 5, temperature=1.0, repetition_penalty=1e-40, seed=1,
+                        stop_at_endoftext=False)
+    assert len(ids) == 5
+
+
+def test_logits_at_an_infinite_extreme_share_all_the_probability():
+    rng = np.random.default_rng(0)
+    at_infinity = np.array([1, np.inf, -2, np.inf], dtype=np.float32)
+    assert {gpt2.choose(at_infinity, rng, temperature=1.0) for _ in range(50)} == {1, 3}
+    all_minus_infinity = np.full(4, -np.inf, dtype=np.float32)
+    assert {gpt2.choose(all_minus_infinity, rng, temperature=1.0) for _ in range(50)} == {0, 1, 2, 3}
+
+
+def test_ids_outside_the_vocabulary_are_an_error_naming_the_argument(tiny):
+    _, params, n_head = tiny
+    n_vocab = len(params["wte"])
+    for run, argument, got in ((lambda: gpt2.generate([*PROMPT, -1], params, n_head, 2), "inputs", "-1"),
+                               (lambda: gpt2.generate("Hello", params, n_head, 2), "inputs", "'H'"),
+                               (lambda: gpt2.generate_batch([PROMPT, [n_vocab]], params, n_head, 2), "prompts",
+                                str(n_vocab)),
+                               (lambda: gpt2.score([*PROMPT, n_vocab], params, n_head), "ids", str(n_vocab))):
+        with pytest.raises(GPT2Error, match=rf"^{argument} must be token ids, whole numbers from 0 to "
+                                            rf"{n_vocab - 1}, got {got}$") as error:
+            run()
+        assert error.value.arguments == (argument,)
+
+
 @pytest.mark.parametrize("value", [np.nan, np.inf])
 # an infinite weight makes inf - inf inside a product, which NumPy warns of before our error (the command line
 # silences NumPy: cli.py)
