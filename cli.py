@@ -54,6 +54,8 @@ def run_cli(main):
     except MemoryError as e:  # numpy's says how much it asked for: "Unable to allocate 3.7 GiB for an array ..."
         sys.exit(f"error: out of memory{f' ({e})' if str(e) else ''}: ask for less (a smaller model, batch or "
                  "context), or free memory by closing other programs")
+    except PermissionError as e:  # a file or folder this user may not read or write, wherever the work met it
+        sys.exit(f"error: {e.filename or 'a file'}: {e.strerror}: give this user access to it, or name another")
     except KeyboardInterrupt:
         sys.exit(128 + signal.SIGINT)
     except BrokenPipeError:

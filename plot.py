@@ -14,16 +14,19 @@ from errors import GPT2Error
 
 def read_log(path):  # -> the log's step entries (with "loss") and evaluation entries (with "val_loss")
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise GPT2Error(f"cannot read {path} ({e}): give the log.jsonl that train.py wrote in its out_dir",
+        # lines end at \n only: str.splitlines would also cut a sample's U+2028, which JSON leaves unescaped
+        lines = Path(path).read_bytes().split(b"\n")
+    except OSError as e:
+        raise GPT2Error(f"cannot read {path} ({e.strerror}): give the log.jsonl that train.py wrote in its out_dir",
                         ["log"]) from None
     entries = []
     for line in lines:
-        with contextlib.suppress(ValueError):  # a line that a kill cut short
+        # a line that a kill cut short, even inside a UTF-8 character (a ValueError too), or that no run writes
+        with contextlib.suppress(ValueError, RecursionError):
             entries.append(json.loads(line))
-    entries = [entry for entry in entries if isinstance(entry, dict)]
-    steps, evaluations = [e for e in entries if "loss" in e], [e for e in entries if "val_loss" in e]
+    entries = [entry for entry in entries if isinstance(entry, dict) and "step" in entry]
+    steps = [e for e in entries if "loss" in e]
+    evaluations = [e for e in entries if {"train_loss", "val_loss"} <= e.keys()]
     if not steps and not evaluations:
         raise GPT2Error(f"{path} holds no losses: give the log.jsonl that train.py wrote in its out_dir", ["log"])
     return steps, evaluations
@@ -43,6 +46,9 @@ def main(log="out/log.jsonl", /, out: str | None = None, title: str | None = Non
     except ImportError:
         raise GPT2Error("plot.py draws with matplotlib, which is not installed: pip install matplotlib") from None
     out = Path(log).with_name("loss.png") if out is None else Path(out)
+    if not out.name:
+        raise GPT2Error(f"out must name an image file, got {str(out)!r}: give one such as loss.png", ["out"])
+    out = out if out.suffix else out.with_suffix(".png")  # what matplotlib writes for a name without one
     figure = Figure(figsize=(8, 4.5), layout="constrained")
     axes = figure.subplots()
     # each step's loss is on its own random batch, hence noisy: drawn lightly under the evaluations' estimates
@@ -50,7 +56,8 @@ def main(log="out/log.jsonl", /, out: str | None = None, title: str | None = Non
               label="train loss, each step's batch")
     for key, color, label in (("train_loss", "tab:blue", "train loss"), ("val_loss", "tab:orange", "validation loss")):
         axes.plot([e["step"] for e in evaluations], [e[key] for e in evaluations], "o-", color=color, label=label)
-    axes.set(xlabel="step", ylabel="loss (nats per token)", title=str(log) if title is None else title)
+    # each $ escaped: matplotlib would read the text between two as a formula
+    axes.set(xlabel="step", ylabel="loss (nats per token)", title=(str(log) if title is None else title).replace("$", r"\$"))
     axes.grid(alpha=0.3)
     axes.legend()
     try:

@@ -10,6 +10,7 @@ text at once. The last 10 % of the ids are held out for validation.
 import hashlib
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -123,11 +124,14 @@ def main(data: str, out_dir="out", init_from="scratch", models_dir="models"):
     data, out_dir = Path(data), Path(out_dir)
     check_text_file(data)
     check_init_from(init_from)
-    encoder = byte_level_encoder() if init_from == SCRATCH else load_model(init_from, models_dir)[0]
     with one_run_in(out_dir):
-        make_out_dir(out_dir)
+        make_out_dir(out_dir)  # before loading: a folder it cannot write in is refused before anything is downloaded
+        encoder = byte_level_encoder() if init_from == SCRATCH else load_model(init_from, models_dir)[0]
         n_tokens = len(prepare(data, encoder, out_dir))
-    print(f"{n_tokens:,} tokens of {data} in {out_dir / 'tokens.bin'}: train.py --data {data} --out_dir {out_dir} "
+    flags = ["--data", str(data), "--out_dir", str(out_dir)]
+    for name, value, default in (("init_from", init_from, SCRATCH), ("models_dir", models_dir, "models")):
+        flags += [f"--{name}", str(value)] if value != default else []
+    print(f"{n_tokens:,} tokens of {data} in {out_dir / 'tokens.bin'}: {shlex.join(['python', 'train.py', *flags])} "
           "uses them", file=sys.stderr)
 
 

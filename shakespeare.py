@@ -50,10 +50,13 @@ def main(out="shakespeare.txt"):
     Args:
         out: the text file to write.
     """
+    target = Path(out)
+    if not target.name or target.is_dir() or not target.parent.is_dir():  # before the download, not after it
+        raise GPT2Error(f"out {out!r} is not a file in a folder that exists: choose another out", arguments=("out",))
     with tempfile.TemporaryDirectory() as folder:
         text = read_plays(download_sdist(folder))
     try:
-        write_text_atomically(Path(out), text)
+        write_text_atomically(target, text)
     except OSError as e:
         raise GPT2Error(f"cannot write {out} ({e.strerror}): choose another --out") from None
     print(f"wrote {len(text.encode()):,} bytes of Shakespeare ({', '.join(PLAYS)}) to {out}", file=sys.stderr)

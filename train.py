@@ -77,8 +77,8 @@ def main(data: str, out_dir="out", init_from=SCRATCH, resume=False, models_dir="
     check_text_file(data)
     check_init_from(str(init_from), resume)
     with one_run_in(out_dir):
+        make_out_dir(out_dir)  # before loading: a folder it cannot write in is refused before anything is downloaded
         model, optimizer, rng = resumed_run(out_dir, flags) if resume else new_run(out_dir, flags)
-        make_out_dir(out_dir)
         tokens = training_tokens(data, model[0], out_dir, block_size)
         say(run_summary(model, tokens, data, optimizer["step"], resume))
         interrupted = train(out_dir, model, optimizer, rng, tokens, flags, optimizer["step"] if resume else None)
@@ -117,12 +117,16 @@ def check_run_fits(hparams, flags):
 
 def training_tokens(data, encoder, out_dir, block_size):  # -> (train tokens, validation tokens) of the text
     train_tokens, val_tokens = split(prepare(data, encoder, out_dir))
+    check_split(data, train_tokens, val_tokens, block_size)
+    return train_tokens, val_tokens
+
+
+def check_split(data, train_tokens, val_tokens, block_size):  # a GPT2Error unless each part holds a batch's row
     for name, tokens in (("training", train_tokens), ("validation", val_tokens)):
         if len(tokens) < block_size + 1:
             raise GPT2Error(f"{data} gives {len(train_tokens) + len(val_tokens)} tokens, so its {name} part has "
                             f"{len(tokens)}, fewer than block_size + 1 = {block_size + 1}: give a longer text "
                             "or a smaller block_size", arguments=("block_size",))
-    return train_tokens, val_tokens
 
 
 def run_summary(model, tokens, data, step, resume):  # -> the line that says what is about to be trained
@@ -165,7 +169,7 @@ def train(out_dir, model, optimizer, rng, tokens, flags, saved_step):
             bar.update()
         if optimizer["step"] != saved_step:
             save_checkpoint(out_dir, hparams, params, encoder, optimizer, rng, flags)
-    return bool(interrupted)
+    return bool(interrupted) and optimizer["step"] < max_iters  # Ctrl-C in the last evaluation stopped nothing
 
 
 def train_step(params, optimizer, rng, tokens, n_head, flags):
@@ -199,7 +203,8 @@ def stop_unless_finite(values, step, saved_step, out_dir):
 
 
 def check_flags(flags):
-    """A GPT2Error naming the first flag whose value no run could use, before anything is loaded or written."""
+    """A GPT2Error naming the first flag whose value no run could use, before anything is loaded or written. flags:
+    main's, or those of them that another trainer takes (train_pico.py's)."""
     def need(ok, name, what, *also_named):
         if not ok:
             raise GPT2Error(f"{name} must be {what}, got {flags[name]!r}", arguments=(name, *also_named))
@@ -207,22 +212,25 @@ def check_flags(flags):
     def finite(name):
         return gpt2.is_number(flags[name]) and math.isfinite(flags[name])
 
+    def given(*names):
+        return [name for name in names if name in flags]
+
     if flags["data"] is None:
         raise GPT2Error("give the text to train on as data", arguments=("data",))
-    for name in ("resume", "decay_lr"):
+    for name in given("resume", "decay_lr"):
         need(isinstance(flags[name], bool), name, "True or False")
-    for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
-                 "eval_interval", "eval_iters"):
+    for name in given("n_layer", "n_head", "n_embd", "block_size", "batch_size", "gradient_accumulation_steps",
+                      "eval_interval", "eval_iters"):
         need(gpt2.is_int(flags[name]) and flags[name] >= 1, name, "a whole number >= 1")
-    for name in ("max_iters", "warmup_iters", "lr_decay_iters", "sample_tokens", "seed"):
+    for name in given("max_iters", "warmup_iters", "lr_decay_iters", "sample_tokens", "seed"):
         need(gpt2.is_int(flags[name]) and flags[name] >= 0, name, "a whole number >= 0")
     need(finite("learning_rate") and flags["learning_rate"] > 0, "learning_rate", "a finite number > 0")
-    for name in ("min_lr", "weight_decay", "grad_clip"):
+    for name in given("min_lr", "weight_decay", "grad_clip"):
         need(finite(name) and flags[name] >= 0, name, "a finite number >= 0")
-    for name in ("beta1", "beta2"):
+    for name in given("beta1", "beta2"):
         need(finite(name) and 0 <= flags[name] < 1, name, "a number in [0, 1)")
     need(flags["n_embd"] % flags["n_head"] == 0, "n_embd", f"a multiple of n_head ({flags['n_head']})", "n_head")
-    if flags["init_from"] != SCRATCH:
+    if flags.get("init_from", SCRATCH) != SCRATCH:
         for name, default in SHAPE_DEFAULTS.items():
             if flags[name] != default:
                 raise GPT2Error(f"{name} sets the shape of a new model, but init_from {flags['init_from']} has its "

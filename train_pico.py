@@ -161,12 +161,19 @@ def main(data: str, max_iters=2000, n_layer=4, n_head=4, n_embd=128, block_size=
         eval_interval: print the train and validation loss every this many steps.
         seed: seeds the weights, the batches and the sample.
     """
+    flags = dict(locals())
     from encoder import byte_level_encoder
+    from files import read_utf8
     from params import init_params
+    from train import check_flags, check_split, check_text_file  # train.py's checks: each mistake is one line
 
+    check_flags(flags)
+    check_text_file(Path(data))
     encoder = byte_level_encoder()  # GPT-2's 256 byte tokens, then <|endoftext|>
-    tokens = np.array(encoder.encode(Path(data).read_text(encoding="utf-8")))
+    with open(data, "rb") as text:  # as train.py reads it: newlines as they are, and the UTF-8 checked
+        tokens = np.array(encoder.encode("".join(read_utf8(text, data, 1 << 20))))
     train_tokens, val_tokens = np.split(tokens, [len(tokens) - len(tokens) // 10])
+    check_split(data, train_tokens, val_tokens, block_size)
     params = init_params(dict(n_vocab=len(encoder.encoder), n_ctx=block_size, n_embd=n_embd, n_layer=n_layer), seed)
     m, v = [np.zeros_like(p) for p in leaves(params)], [np.zeros_like(p) for p in leaves(params)]
     rng = np.random.default_rng([seed, 1])

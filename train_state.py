@@ -180,10 +180,12 @@ def check_same_model(saved_flags, flags, out_dir):
 def open_log(path, step):  # -> the JSON-lines log, open for appending, keeping only the lines of steps before step
     kept = []
     with contextlib.suppress(FileNotFoundError):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            with contextlib.suppress(ValueError, TypeError, AttributeError):  # a line a kill cut short, say
+        # lines end at \n only: str.splitlines would also cut a sample's U+2028, which JSON leaves unescaped
+        for line in path.read_bytes().split(b"\n"):
+            # a line a kill cut short, even inside a UTF-8 character (a ValueError too), or that no run writes
+            with contextlib.suppress(ValueError, TypeError, KeyError, RecursionError):
                 if json.loads(line)["step"] < step:
-                    kept.append(line + "\n")
+                    kept.append(line.decode("utf-8") + "\n")
     write_text_atomically(path, "".join(kept))
     # unbuffered: a write the disk has no room for fails there and then, and leaves nothing to fail again at close
     return open(path, "ab", buffering=0)

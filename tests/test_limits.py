@@ -290,3 +290,41 @@ def test_a_memory_error_in_any_script_is_one_line(tmp_path):
     result = run_script(script)
     assert result.returncode == 1
     assert_clean_error(result, "error: out of memory (Unable to allocate 4.00 EiB", "ask for less")
+
+
+# root may read and write any file: as root, the scripts run without that power (setpriv), as the user would
+WITHOUT_ROOTS_ACCESS = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--inh-caps",
+                        "-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+
+
+@pytest.mark.skipif(os.geteuid() == 0 and shutil.which("setpriv") is None, reason="root, and no setpriv to drop it")
+@pytest.mark.parametrize("script, args, denied", [
+    ("gpt2.py", ["--model_dir", "{model}", "Hello"], "{model}/model.safetensors"),
+    ("train.py", ["--data", "{text}", "--init_from", "{model}", "--out_dir", "{out}", "--max_iters", 1],
+     "{model}/model.safetensors"),
+    # a folder it cannot write in is refused before the model's download (offline here) is even tried
+    ("train.py", ["--data", "{text}", "--init_from", "124M", "--models_dir", "{models}", "--out_dir", "{read_only}"],
+     "{read_only}"),
+])
+def test_a_file_or_folder_the_user_may_not_use_is_one_line_naming_it(script, args, denied, trained, training_text,
+                                                                    tmp_path):
+    paths = {"{model}": tmp_path / "model", "{text}": training_text, "{out}": tmp_path / "out",
+             "{models}": tmp_path / "models", "{read_only}": tmp_path / "read_only"}
+    shutil.copytree(trained, paths["{model}"])
+    (paths["{model}"] / "model.safetensors").chmod(0)
+    paths["{read_only}"].mkdir(mode=0o555)
+    args = [paths.get(arg, arg) if isinstance(arg, str) else arg for arg in args]
+    result = subprocess.run([*WITHOUT_ROOTS_ACCESS, sys.executable, ROOT / script, *map(str, args)], env=OFFLINE,
+                            capture_output=True, text=True, timeout=300)
+    named = denied.format_map({key.strip("{}"): value for key, value in paths.items()})
+    assert_clean_error(result, named)
+    assert not (tmp_path / "models").exists()
+
+
+def test_resume_keeps_the_logs_whole_lines_before_its_step_and_drops_what_no_run_writes(tmp_path):
+    path = tmp_path / train_state.LOG
+    kept = ['{"step": 0, "train_loss": 5.5, "val_loss": 5.6, "sample": "a\u2028b"}', '{"step": 0, "loss": 5.5}']
+    path.write_bytes("".join(line + "\n" for line in [*kept, '{"loss": 1.0}', "[" * 100_000, '{"step": 2, "loss": 3}']
+                             ).encode() + b'{"step": 1, "loss": 4.0, "sample": "\xe2\x80')  # cut in a character
+    with train_state.open_log(path, 2):
+        assert path.read_text(encoding="utf-8") == "".join(line + "\n" for line in kept)

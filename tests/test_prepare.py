@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import prepare
 import shakespeare
-from conftest import run_script, train_in_process
+from conftest import assert_clean_error, run_script, train_in_process
 from encoder import byte_level_encoder, encode_pieces, load_encoder
 from errors import GPT2Error
 
@@ -194,8 +194,8 @@ def test_prepare_py_writes_the_tokens_train_py_would_and_train_py_uses_them(tmp_
     assert result.returncode == 0, result.stderr
     ids = byte_level_encoder().encode(training_text.read_text(encoding="utf-8"))
     assert np.fromfile(out_dir / "tokens.bin", np.uint16).tolist() == ids
-    assert result.stderr == f"{len(ids):,} tokens of {training_text} in {out_dir / 'tokens.bin'}: train.py --data " \
-                            f"{training_text} --out_dir {out_dir} uses them\n"
+    assert result.stderr == f"{len(ids):,} tokens of {training_text} in {out_dir / 'tokens.bin'}: python train.py " \
+                            f"--data {training_text} --out_dir {out_dir} uses them\n"
 
     def refuse(*args, **kwargs):
         raise AssertionError("train.py encoded the text again")
@@ -203,3 +203,27 @@ def test_prepare_py_writes_the_tokens_train_py_would_and_train_py_uses_them(tmp_
     monkeypatch.setattr(prepare, "encode_file", refuse)
     train_in_process(training_text, out_dir)
     assert (out_dir / "model.safetensors").is_file()
+
+
+def test_prepare_py_names_the_train_py_command_that_uses_its_tokens_with_init_from(tmp_path, training_text,
+                                                                                    models_dir):
+    out_dir = tmp_path / "out"
+    result = run_script("prepare.py", "--data", training_text, "--out_dir", out_dir, "--init_from", "124M",
+                        "--models_dir", models_dir)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.endswith(f": python train.py --data {training_text} --out_dir {out_dir} --init_from 124M "
+                                  f"--models_dir {models_dir} uses them\n")
+
+
+def test_prepare_py_refuses_an_out_dir_that_is_a_file_before_loading_the_model(tmp_path, training_text):
+    (tmp_path / "out").write_text("")
+    result = run_script("prepare.py", "--data", training_text, "--out_dir", tmp_path / "out", "--init_from", "124M",
+                        "--models_dir", tmp_path / "models")  # offline: a download would fail first
+    assert_clean_error(result, "--out_dir", "is a file")
+    assert not (tmp_path / "models").exists()
+
+
+@pytest.mark.parametrize("out", ["", ".", "no_such_folder/shakespeare.txt"])
+def test_shakespeare_py_refuses_an_out_it_cannot_write_before_downloading(out, tmp_path):
+    result = run_script("shakespeare.py", "--out", tmp_path / out if out else out)
+    assert_clean_error(result, "--out", "is not a file in a folder that exists")

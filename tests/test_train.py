@@ -48,17 +48,21 @@ def test_a_stopped_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_run
     assert losses(tmp_path / "parts") == losses(tmp_path / "whole") and len(losses(tmp_path / "whole")) == 6
 
 
-def test_ctrl_c_saves_exits_130_and_the_run_resumes_exactly(tmp_path, training_text):
-    out_dir = tmp_path / "interrupted"
+def ctrl_c_after_three_steps(training_text, out_dir, **flags):  # -> the train.py process, its stdout and stderr
     process = subprocess.Popen([sys.executable, str(ROOT / "train.py"),
-                                *map(str, tiny_run_args(training_text, out_dir, max_iters=100_000))],
+                                *map(str, tiny_run_args(training_text, out_dir, **flags))],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=OFFLINE,
                                preexec_fn=default_sigint)
     deadline = time.monotonic() + 120
     while len(losses(out_dir) if (out_dir / "log.jsonl").exists() else []) < 3 and time.monotonic() < deadline:
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=120)
+    return process, *process.communicate(timeout=120)
+
+
+def test_ctrl_c_saves_exits_130_and_the_run_resumes_exactly(tmp_path, training_text):
+    out_dir = tmp_path / "interrupted"
+    process, stdout, stderr = ctrl_c_after_three_steps(training_text, out_dir, max_iters=100_000)
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr and "stopped by Ctrl-C" in stdout
     step = saved_state(out_dir)["step"]
@@ -67,6 +71,16 @@ def test_ctrl_c_saves_exits_130_and_the_run_resumes_exactly(tmp_path, training_t
     train_in_process(training_text, out_dir, max_iters=step + 2, resume=True)
     train_in_process(training_text, tmp_path / "whole", max_iters=step + 2)
     assert saved_state(out_dir) == saved_state(tmp_path / "whole")
+
+
+def test_ctrl_c_in_the_last_evaluation_stops_nothing_and_the_run_ends_finished(tmp_path, training_text):
+    # the evaluation after the last step is long enough (eval_iters) for the signal to arrive during it
+    out_dir = tmp_path / "finished"
+    process, stdout, stderr = ctrl_c_after_three_steps(training_text, out_dir, max_iters=3, eval_interval=100,
+                                                       eval_iters=2000)
+    assert process.returncode == 0, stderr
+    assert stdout.endswith(f"saved step 3 in {out_dir}: generate with python gpt2.py --model_dir {out_dir}\n")
+    assert saved_state(out_dir)["step"] == 3
 
 
 class Killed(BaseException):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import backward
+import plot
 import train
 import train_pico
 from conftest import (GRAD_ATOL, GRADIENT_CASES as CASES, LOSS_RTOL, OFFLINE, TINY_RUN, assert_clean_error, batch,
@@ -99,6 +100,21 @@ def test_without_data_train_pico_asks_for_it():
     assert_clean_error(run_script("train_pico.py", "--max_iters", 1), "--data")
 
 
+@pytest.mark.parametrize("args, words", [
+    (["--data", "{absent}"], ["absent.txt", "is not a file", "--data"]),
+    (["--data", "{binary}"], ["binary.txt", "not valid UTF-8"]),
+    (["--data", "{text}", "--eval_interval", 0], ["--eval_interval", "got 0"]),
+    (["--data", "{text}", "--n_embd", 130], ["--n_embd", "a multiple of --n_head (4)"]),
+    (["--data", "{text}", "--learning_rate", -1], ["--learning_rate", "> 0"]),
+    (["--data", "{text}", "--block_size", 100_000], ["training part has", "fewer than --block_size + 1"]),
+])
+def test_train_pico_checks_its_flags_and_text_as_train_py_does(args, words, training_text, tmp_path):
+    (tmp_path / "binary.txt").write_bytes(b"caf\xe9\n" * 100)
+    paths = {"{absent}": tmp_path / "absent.txt", "{binary}": tmp_path / "binary.txt", "{text}": training_text}
+    assert_clean_error(run_script("train_pico.py", *(paths.get(a, a) if isinstance(a, str) else a for a in args)),
+                       *words)
+
+
 @pytest.fixture(scope="module")
 def train_log(tmp_path_factory, training_text):
     """The log.jsonl of a TINY_RUN of train.py."""
@@ -124,6 +140,20 @@ def test_plot_without_matplotlib_says_how_to_install_it(tmp_path, train_log):
     result = run_script("plot.py", train_log, "--out", tmp_path / "loss.png", env=without_matplotlib)
     assert_clean_error(result, "pip install matplotlib")
     assert not (tmp_path / "loss.png").exists()
+
+
+def test_plot_draws_the_lines_a_run_writes_and_skips_the_rest(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_bytes('{"step": 0, "train_loss": 5.5, "val_loss": 5.6}\n{"loss": 1.0}\n{"step": 1, "val_loss": 2.0}\n'
+                    '{"step": 1, "loss": 4.0, "sample": "a\u2028b"}\n'.encode() + b"[" * 100_000
+                    + b'\n{"step": 2, "loss": 3.5, "sample": "\xe2\x80')  # a line cut inside a character
+    steps, evaluations = plot.read_log(log)
+    assert [e["step"] for e in steps] == [1] and [e["step"] for e in evaluations] == [0]
+    # $ is text in a title, not the start of a formula; a name without a type is a .png, and said so
+    result = run_script("plot.py", log, "--title", "cost $5, $\\foo$", "--out", tmp_path / "loss")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == f"wrote {tmp_path / 'loss.png'}\n"
+    assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_plot_of_a_file_that_is_not_a_log_is_a_clean_error(tmp_path):
