@@ -319,8 +319,8 @@ def sample(params, n_head, encoder, n_tokens, seed, step):  # -> a few lines of 
 def evaluation_lines(step, report):  # -> what an evaluation prints: the losses, then the sample
     # The sample is whatever the model makes, control characters included (ESC would restyle the terminal, or
     # whoever reads the output later): shown escaped, as gpt2.py shows text on a terminal; log.jsonl keeps it exact
-    return (f"step {step}: train loss {report['train_loss']:.4f}, val loss {report['val_loss']:.4f}\n"
-            f"{gpt2.escape_controls(report['sample'])}")
+    losses = f"step {step}: train loss {report['train_loss']:.4f}, val loss {report['val_loss']:.4f}"
+    return f"{losses}\n{gpt2.escape_controls(report['sample'])}" if report["sample"] else losses  # sample_tokens 0
 
 
 def say(text):  # to stdout, between the progress bar's updates, at once even into a pipe

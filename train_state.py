@@ -172,7 +172,10 @@ def load_checkpoint(out_dir):
 
 def check_same_model(saved_flags, flags, out_dir):
     for name in MODEL_FLAGS:
-        if saved_flags.get(name) != flags[name]:
+        # a folder's path as it was typed: model/ is the model the run started from as much as model is
+        same = (os.path.normpath(str(saved_flags.get(name))) == os.path.normpath(str(flags[name]))
+                if name == "init_from" else saved_flags.get(name) == flags[name])
+        if not same:
             raise GPT2Error(f"the run in {out_dir} was started with {name} {saved_flags.get(name)}, not "
                             f"{flags[name]}: continue it with the settings it was started with", arguments=(name,))
 

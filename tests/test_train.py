@@ -412,6 +412,19 @@ def test_a_fresh_run_into_a_finished_one_and_a_resume_with_another_model_are_ref
     assert_clean_error(bad_input("--resume", block_size=8), "--block_size", "16", "8")
 
 
+def test_resume_takes_the_init_from_folder_however_its_path_is_written(trained, tmp_path, training_text):
+    fine_tune = dict(init_from=str(trained), n_layer=4, n_head=4, n_embd=128)  # the shape is the folder's
+    train_in_process(training_text, tmp_path / "tuned", max_iters=2, **fine_tune)
+    train_in_process(training_text, tmp_path / "tuned", max_iters=4, resume=True, **fine_tune | {"init_from": f"{trained}/"})
+    assert saved_state(tmp_path / "tuned")["step"] == 4
+
+
+def test_sample_tokens_0_prints_each_evaluations_losses_alone(tmp_path, training_text, capsys):
+    train_in_process(training_text, tmp_path / "out", sample_tokens=0)
+    printed = capsys.readouterr().out.splitlines()
+    assert [line for line in printed if line.startswith("step ")] == printed[1:-1] and len(printed) == 5
+
+
 def test_a_loss_that_becomes_nan_stops_training_and_keeps_the_last_good_checkpoint(bad_input, trained, tmp_path):
     shutil.copytree(trained, tmp_path / "out")  # saved at step 4
     # a learning rate of 1e30 (the cosine's peak far away) throws the weights past float32's range in one step
