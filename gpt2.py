@@ -17,6 +17,7 @@ import stat
 import sys
 import time
 import warnings
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import numpy as np
@@ -334,12 +335,15 @@ def check_count(n_tokens_to_generate):
           n_tokens_to_generate)
 
 
-def check_ids(ids, n_vocab, argument):  # a GPT2Error unless each of ids is a token id of a vocabulary of n_vocab
-    # before the model reads wte[ids]: a negative id would read another token's row, and a target past the end a
-    # logit of no token
+def token_ids(ids, n_vocab, argument, what="a list of token ids"):  # -> ids as a list, checked
+    # a GPT2Error unless each of ids is a token id of a vocabulary of n_vocab, before the model reads wte[ids]: a
+    # negative id would read another token's row, and a target past the end a logit of no token
+    check(isinstance(ids, Iterable) and not isinstance(ids, str), argument, what, ids)
+    ids = list(ids)
     for token_id in ids:
         check(is_int(token_id) and 0 <= token_id < n_vocab, argument,
               f"token ids, whole numbers from 0 to {n_vocab - 1}", token_id)
+    return ids
 
 
 def check_threads(threads):  # None: as many as NumPy's BLAS chose
@@ -359,8 +363,7 @@ def generate_stream(inputs, params, n_head, n_tokens_to_generate, stop_at_endoft
                     **sampling):  # [n_seq] -> iterator of new ids; sampling: Sampling's fields, greedy by default
     n_ctx, n_vocab = params["wpe"].shape[0], params["wte"].shape[0]
     eot = endoftext(endoftext_id, n_vocab)
-    inputs = list(inputs) or [eot]  # an empty prompt starts a fresh document
-    check_ids(inputs, n_vocab, "inputs")
+    inputs = token_ids(inputs, n_vocab, "inputs") or [eot]  # an empty prompt starts a fresh document
     check_count(n_tokens_to_generate)
     if len(inputs) > n_ctx:
         raise GPT2Error(f"the prompt is {len(inputs)} tokens but this model's context holds {n_ctx}: shorten the prompt")
@@ -395,11 +398,9 @@ def generate_batch_stream(prompts, params, n_head, n_tokens_to_generate, stop_at
     # n_batch x [n_seq_b] -> iterator of [n_batch] ids, one per step, until every row has chosen <|endoftext|>
     n_ctx, n_vocab = params["wpe"].shape[0], params["wte"].shape[0]
     eot = endoftext(endoftext_id, n_vocab)
-    prompts = [list(p) or [eot] for p in prompts]
+    prompts = [token_ids(p, n_vocab, "prompts", "a list of lists of token ids") or [eot] for p in prompts]
     if not prompts:
         raise GPT2Error("no prompts to generate for: give at least one")
-    for prompt in prompts:
-        check_ids(prompt, n_vocab, "prompts")
     longest = max(len(p) for p in prompts)
     check_count(n_tokens_to_generate)
     if longest + n_tokens_to_generate > n_ctx:  # rows share one window, which cannot slide
@@ -538,7 +539,7 @@ def score_stream(id_chunks, params, n_head):
     stride = n_ctx // 2
     window, n_old, n_windows = [], 1, 0  # the ids from the window's first on, of which n_old are scored already
     for chunk in id_chunks:
-        check_ids(chunk, len(params["wte"]), "ids")
+        chunk = token_ids(chunk, len(params["wte"]), "ids")
         for begin in range(0, len(chunk), n_ctx):
             window.extend(chunk[begin : begin + n_ctx])
             while len(window) >= n_ctx:
@@ -654,11 +655,16 @@ def unescape(text, argument):  # text with the escapes of a Python string litera
             # unicode_escape reads bytes: the runs of characters beyond Latin-1 stay as they are, between the pieces
             # it reads, so that a backslash before one ends its piece and is refused as \é is
             pieces = re.split("([^\x00-\xff]+)", text)
-            return "".join(piece if i % 2 else piece.encode("latin-1").decode("unicode_escape")
-                           for i, piece in enumerate(pieces))
+            unescaped = "".join(piece if i % 2 else piece.encode("latin-1").decode("unicode_escape")
+                                for i, piece in enumerate(pieces))
     except (UnicodeDecodeError, Warning):
         raise GPT2Error(f'{argument} "{text}" has a backslash that starts no escape: write \\\\ for a backslash '
                         r"(escapes: \n \t \r \\ \xhh \uhhhh)", arguments=(argument,)) from None
+    try:  # the two \u escapes of one character beyond U+FFFF (JSON's \ud83d\ude00) become that character
+        return unescaped.encode("utf-16", "surrogatepass").decode("utf-16")
+    except UnicodeDecodeError:
+        raise GPT2Error(f'{argument} "{text}" holds half of a surrogate pair, which no text holds: give the whole '
+                        r"pair, the character, or its \Uhhhhhhhh escape", arguments=(argument,)) from None
 
 
 def progress(iterable=None, **options):  # a bar on stderr when it is a terminal, gone when done: stdout stays clean

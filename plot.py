@@ -24,9 +24,11 @@ def read_log(path):  # -> the log's step entries (with "loss") and evaluation en
         # a line that a kill cut short, even inside a UTF-8 character (a ValueError too), or that no run writes
         with contextlib.suppress(ValueError, RecursionError):
             entries.append(json.loads(line))
-    entries = [entry for entry in entries if isinstance(entry, dict) and "step" in entry]
-    steps = [e for e in entries if "loss" in e]
-    evaluations = [e for e in entries if {"train_loss", "val_loss"} <= e.keys()]
+    def numbers_at(entry, *keys):  # whether entry is a dict with a number at each of keys
+        return isinstance(entry, dict) and all(isinstance(entry.get(key), (int, float)) for key in ("step", *keys))
+
+    steps = [e for e in entries if numbers_at(e, "loss")]
+    evaluations = [e for e in entries if numbers_at(e, "train_loss", "val_loss")]
     if not steps and not evaluations:
         raise GPT2Error(f"{path} holds no losses: give the log.jsonl that train.py wrote in its out_dir", ["log"])
     return steps, evaluations

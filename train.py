@@ -75,7 +75,7 @@ def main(data: str, out_dir="out", init_from=SCRATCH, resume=False, models_dir="
     check_flags(flags)
     data, out_dir = Path(str(data)), Path(str(out_dir))
     check_text_file(data)
-    check_init_from(str(init_from), resume)
+    check_init_from(str(init_from), resume, out_dir)
     with one_run_in(out_dir):
         make_out_dir(out_dir)  # before loading: a folder it cannot write in is refused before anything is downloaded
         model, optimizer, rng = resumed_run(out_dir, flags) if resume else new_run(out_dir, flags)
@@ -237,12 +237,17 @@ def check_flags(flags):
                                 f"own: drop {name}, or train from scratch", arguments=(name, "init_from"))
 
 
-def check_init_from(init_from, resume=False):
+def check_init_from(init_from, resume=False, out_dir=None):  # out_dir: the folder the run saves into, if it does
     # a resumed run was made from init_from before: its folder need not be there any more
-    if not resume and init_from not in (SCRATCH, *MODEL_SIZES) and not Path(init_from).is_dir():
+    if resume or init_from in (SCRATCH, *MODEL_SIZES):
+        return
+    if not Path(init_from).is_dir():
         raise GPT2Error(f"init_from {init_from} is neither a GPT-2 size ({', '.join(MODEL_SIZES)}) nor a model folder "
                         f"that exists: give a size, the folder of a model, or {SCRATCH} for a new model",
                         arguments=("init_from",))
+    if out_dir is not None and Path(init_from).resolve() == Path(out_dir).resolve():
+        raise GPT2Error(f"init_from and out_dir are the same folder, {out_dir}: the run saves a new model, and the "
+                        "folder would hold two; give another out_dir", arguments=("init_from", "out_dir"))
 
 
 def check_text_file(path):

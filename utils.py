@@ -36,6 +36,13 @@ LAYOUTS = {
     HF_LAYOUT: ("config.json", "vocab.json", "merges.txt", "model.safetensors"),
 }
 
+# config.json's settings of the arithmetic, with the values that are GPT-2's (and Hugging Face's GPT2Config defaults,
+# so a key left out means the same); a folder that sets another is refused, not run as if it were GPT-2. The first
+# value is the one save_hf_folder writes; gelu_pytorch_tanh is gelu_new's formula in another implementation
+GPT2_ARITHMETIC = {"model_type": ("gpt2",), "activation_function": ("gelu_new", "gelu_pytorch_tanh"),
+                   "layer_norm_epsilon": (1e-5,), "tie_word_embeddings": (True,), "scale_attn_weights": (True,),
+                   "scale_attn_by_inverse_layer_idx": (False,), "reorder_and_upcast_attn": (False,)}
+
 # Tensors a Hugging Face file may hold that the model doesn't need: lm_head is a copy of wte (tied), and
 # attn.bias/masked_bias are constant causal-mask buffers.
 HF_UNUSED = re.compile(r"lm_head\.weight|h\.\d+\.attn\.(masked_)?bias")
@@ -60,19 +67,10 @@ def load_encoder_hparams_and_params(model_size=None, models_dir="models", model_
     if model_dir is None:
         model_size = model_size or DEFAULT_MODEL_SIZE
         model_dir = Path(models_dir) / model_size
-        # imported only when needed: a folder already on disk loads without paying for requests
-        from download import OPENAI_FILES, download_gpt2_files
-
-        if not all((model_dir / name).is_file() for name in OPENAI_FILES):
-            download_gpt2_files(model_size, model_dir)
-        try:
-            return load_openai_folder(model_dir, fast_layout)
-        except GPT2Error:
-            # An earlier version kept what a mirror sent unchecked (a login page saved as hparams.json): download
-            # again the files that fail their check, if any is the cause
-            if not download_gpt2_files(model_size, model_dir, recheck=True):
-                raise
-            return load_openai_folder(model_dir, fast_layout)
+        # a size kept in Hugging Face's layout (converted, say) loads as the folder it is, with nothing downloaded
+        # beside it
+        if not all((model_dir / name).is_file() for name in LAYOUTS[HF_LAYOUT]):
+            return load_openai_size(model_size, model_dir, fast_layout)
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         what = "is not a folder" if model_dir.exists() else "does not exist"
@@ -94,11 +92,31 @@ def check_model_choice(model_size, model_dir):
                         arguments=("model_size",))
 
 
+def load_openai_size(model_size, model_dir, fast_layout):  # -> (encoder, hparams, params), downloaded if need be
+    # imported only when needed: a folder already on disk loads without paying for requests
+    from download import OPENAI_FILES, download_gpt2_files
+
+    if not all((model_dir / name).is_file() for name in OPENAI_FILES):
+        download_gpt2_files(model_size, model_dir)
+    try:
+        return load_openai_folder(model_dir, fast_layout)
+    except GPT2Error:
+        # An earlier version kept what a mirror sent unchecked (a login page saved as hparams.json): download
+        # again the files that fail their check, if any is the cause
+        if not download_gpt2_files(model_size, model_dir, recheck=True):
+            raise
+        return load_openai_folder(model_dir, fast_layout)
+
+
 def choose_layout(model_dir, file_names):
-    """The layout all of whose files are among file_names, else a GPT2Error saying which files are missing."""
-    for folder_layout, needed in LAYOUTS.items():
-        if set(needed) <= file_names:
-            return folder_layout
+    """The layout all of whose files are among file_names, else a GPT2Error saying which files are missing, or
+    that both are there."""
+    whole = [folder_layout for folder_layout, needed in LAYOUTS.items() if set(needed) <= file_names]
+    if len(whole) > 1:  # two models, maybe different ones (train.py saved into the folder it fine-tuned, say)
+        raise GPT2Error(f"{model_dir} holds a whole model in {' and in '.join(whole)} layout, and they may differ: "
+                        "move one of them to a folder of its own")
+    if whole:
+        return whole[0]
     if (model_dir / SAVED).is_dir():
         raise GPT2Error(f"{model_dir} holds a checkpoint whose save train.py did not finish (its files wait in "
                         f"{model_dir / SAVED}): finish it by resuming the run, python train.py --resume --out_dir "
@@ -137,7 +155,12 @@ def load_hf_folder(model_dir, fast_layout=True):
     """(encoder, hparams, params) of a folder in Hugging Face's layout, renamed to OpenAI's tensor names; the CRC-32s
     a model.safetensors of ours records are checked once per file."""
     config_path = model_dir / "config.json"
-    hparams = checked_hparams(read_json_object(config_path), config_path, HF_HPARAMS)
+    config = read_json_object(config_path)
+    hparams = checked_hparams(config, config_path, HF_HPARAMS)
+    for key, values in GPT2_ARITHMETIC.items():
+        if config.get(key, values[0]) not in values:
+            raise GPT2Error(f"{config_path} sets {key} to {config[key]!r}, where GPT-2 has {values[0]!r}: this program "
+                            "computes GPT-2's arithmetic only; load the model with a library that implements it")
     encoder = read_tokenizer(model_dir / "vocab.json", model_dir / "merges.txt", hparams, config_path)
     weights_path = model_dir / "model.safetensors"
     tensors = {}
@@ -209,6 +232,11 @@ def read_tokenizer(vocab_path, merges_path, hparams, hparams_path):
 def params_from_tensors(tensors, hparams, file_name, checkpoint_path, hparams_path, conv_axis=False):
     """The params tree of tensors (the checkpoint's name -> array; file_name(path) gives that name), checked to
     hold exactly the float32 tensors hparams imply; conv_axis: each weight has a leading axis of size 1."""
+    if hparams["n_layer"] > len(tensors):  # each layer has tensors: a config of 10**8 layers is refused before its
+        # layout is built, which would take minutes and gigabytes
+        raise GPT2Error(f"{checkpoint_path} holds {len(tensors)} tensors, fewer than the {hparams['n_layer']} layers "
+                        f"{hparams_path.name} gives: the checkpoint and {hparams_path.name} come from different "
+                        "models; use files released together")
     shapes = layout(hparams)
     expected = {}
     for path, shape in leaves(shapes):
@@ -269,8 +297,7 @@ def save_hf_folder(model_dir, hparams, params, encoder):
     which this loader and transformers' GPT2LMHeadModel.from_pretrained both read; each file atomically."""
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
-    config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "activation_function": "gelu_new",
-              "layer_norm_epsilon": 1e-5, "tie_word_embeddings": True}
+    config = {"architectures": ["GPT2LMHeadModel"]} | {key: values[0] for key, values in GPT2_ARITHMETIC.items()}
     config |= {theirs: hparams[ours] for ours, theirs in HF_HPARAMS.items()}
     if "<|endoftext|>" in encoder.encoder:
         config["bos_token_id"] = config["eos_token_id"] = encoder.encoder["<|endoftext|>"]

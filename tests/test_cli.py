@@ -288,6 +288,10 @@ def test_stop_escapes_read_as_python_reads_them(typed):
     assert gpt2.unescape(typed, "stop") == ast.literal_eval(f'"{typed}"')
 
 
+def test_a_stop_escaped_as_a_surrogate_pair_is_its_character():  # as JSON writes one beyond U+FFFF
+    assert gpt2.unescape("\\ud83d\\ude00", "stop") == "\U0001f600"
+
+
 # --- refusing what cannot be honoured -------------------------------------------------------------------------------
 # (that nothing is downloaded before these refusals is proven in test_download.py)
 

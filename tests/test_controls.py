@@ -276,16 +276,19 @@ def test_logits_at_an_infinite_extreme_share_all_the_probability():
     assert {gpt2.choose(all_minus_infinity, rng, temperature=1.0) for _ in range(50)} == {0, 1, 2, 3}
 
 
-def test_ids_outside_the_vocabulary_are_an_error_naming_the_argument(tiny):
+def test_ids_outside_the_vocabulary_or_not_in_a_list_are_an_error_naming_the_argument(tiny):
     _, params, n_head = tiny
     n_vocab = len(params["wte"])
-    for run, argument, got in ((lambda: gpt2.generate([*PROMPT, -1], params, n_head, 2), "inputs", "-1"),
-                               (lambda: gpt2.generate("Hello", params, n_head, 2), "inputs", "'H'"),
-                               (lambda: gpt2.generate_batch([PROMPT, [n_vocab]], params, n_head, 2), "prompts",
-                                str(n_vocab)),
-                               (lambda: gpt2.score([*PROMPT, n_vocab], params, n_head), "ids", str(n_vocab))):
-        with pytest.raises(GPT2Error, match=rf"^{argument} must be token ids, whole numbers from 0 to "
-                                            rf"{n_vocab - 1}, got {got}$") as error:
+    outside = f"token ids, whole numbers from 0 to {n_vocab - 1}"
+    for run, argument, message in (
+            (lambda: gpt2.generate([*PROMPT, -1], params, n_head, 2), "inputs", f"{outside}, got -1"),
+            (lambda: gpt2.generate_batch([PROMPT, [n_vocab]], params, n_head, 2), "prompts", f"{outside}, got {n_vocab}"),
+            (lambda: gpt2.score([*PROMPT, n_vocab], params, n_head), "ids", f"{outside}, got {n_vocab}"),
+            (lambda: gpt2.generate("Hello", params, n_head, 2), "inputs", "a list of token ids, got 'Hello'"),
+            (lambda: gpt2.generate(None, params, n_head, 2), "inputs", "a list of token ids, got None"),
+            (lambda: gpt2.generate_batch(PROMPT, params, n_head, 2), "prompts",
+             f"a list of lists of token ids, got {PROMPT[0]}")):
+        with pytest.raises(GPT2Error, match=rf"^{argument} must be {message}$") as error:
             run()
         assert error.value.arguments == (argument,)
 

@@ -422,6 +422,7 @@ REFUSED = [
     ("gpt2.py", [TURING, "--stop", ""], ["--stop", "non-empty"]),
     ("gpt2.py", [TURING, "--stop", "\\q"], ["--stop", "escape"]),
     ("gpt2.py", [TURING, "--stop", "\\日"], ["--stop", "escape"]),
+    ("gpt2.py", [TURING, "--stop", "\\ud83d"], ["--stop", "half of a surrogate pair"]),
     ("gpt2.py", [TURING, "--num_samples", 0], ["--num_samples"]),
     ("gpt2.py", [TURING, "--num_samples", 2], ["--num_samples", "--temperature"]),
     ("gpt2.py", [TURING, "--threads", 0], ["--threads"]),

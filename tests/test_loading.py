@@ -122,6 +122,39 @@ def test_a_models_dir_folder_loads_as_its_hparams_say_without_downloading(fixtur
     assert_same_params(params, fixture_model("tiny")[2])
 
 
+def test_a_models_dir_folder_in_hugging_faces_layout_loads_as_it_is_without_downloading(fixture_model, tiny_dir,
+                                                                                          tmp_path, monkeypatch):
+    encoder, hparams, params = load_encoder_hparams_and_params(model_dir=tiny_dir, fast_layout=False)
+    utils.save_hf_folder(tmp_path / "124M", hparams, params, encoder)
+    monkeypatch.setattr(download, "download_gpt2_files", lambda *a, **k: pytest.fail("a whole model is there"))
+    assert_same_params(load_encoder_hparams_and_params("124M", str(tmp_path))[2], fixture_model("tiny")[2])
+
+
+def test_a_folder_holding_a_whole_model_in_each_layout_is_refused(tiny_dir):
+    # as when train.py saved into the OpenAI-layout folder it fine-tuned: which model is meant cannot be told
+    encoder, hparams, params = load_encoder_hparams_and_params(model_dir=tiny_dir, fast_layout=False)
+    utils.save_hf_folder(tiny_dir, hparams, params, encoder)
+    assert "holds a whole model in OpenAI's and in Hugging Face's layout" in load_error(model_dir=tiny_dir)
+
+
+@pytest.mark.parametrize("key, value", [("activation_function", "relu"), ("layer_norm_epsilon", 0.1),
+                                        ("tie_word_embeddings", False), ("scale_attn_weights", False)])
+def test_a_config_json_that_changes_gpt_2s_arithmetic_is_refused_naming_the_key(key, value, hf_model, vocab_dir,
+                                                                                tmp_path):
+    save_file(hf_state(hf_model("tiny")), str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(hf_model("tiny").config.to_dict() | {key: value}))
+    add_tokenizer(tmp_path, vocab_dir)
+    assert f"sets {key} to {value!r}" in load_error(model_dir=tmp_path)
+
+
+def test_a_config_json_of_more_layers_than_the_checkpoint_has_tensors_is_refused_at_once(hf_model, vocab_dir,
+                                                                                         tmp_path):
+    save_file(hf_state(hf_model("tiny")), str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(hf_model("tiny").config.to_dict() | {"n_layer": 10**8}))
+    add_tokenizer(tmp_path, vocab_dir)
+    assert "fewer than the 100000000 layers config.json gives" in load_error(model_dir=tmp_path)
+
+
 def params_checksum(params):
     """A digest of every tensor's name and float32 bytes, to compare params across processes."""
     digest = hashlib.sha256()

@@ -419,6 +419,15 @@ def test_resume_takes_the_init_from_folder_however_its_path_is_written(trained, 
     assert saved_state(tmp_path / "tuned")["step"] == 4
 
 
+def test_fine_tuning_into_the_folder_it_starts_from_is_refused(fixture_model, tmp_path, training_text):
+    # the folder would hold the model it started from in OpenAI's layout and the new one in Hugging Face's
+    model_dir = tmp_path / "model"
+    shutil.copytree(fixture_model("tiny")[0], model_dir)
+    with pytest.raises(GPT2Error, match="init_from and out_dir are the same folder"):
+        train_in_process(training_text, model_dir / ".", init_from=str(model_dir), n_layer=4, n_head=4, n_embd=128)
+    assert not (model_dir / "model.safetensors").exists()
+
+
 def test_sample_tokens_0_prints_each_evaluations_losses_alone(tmp_path, training_text, capsys):
     train_in_process(training_text, tmp_path / "out", sample_tokens=0)
     printed = capsys.readouterr().out.splitlines()

@@ -145,6 +145,7 @@ def test_plot_without_matplotlib_says_how_to_install_it(tmp_path, train_log):
 def test_plot_draws_the_lines_a_run_writes_and_skips_the_rest(tmp_path):
     log = tmp_path / "log.jsonl"
     log.write_bytes('{"step": 0, "train_loss": 5.5, "val_loss": 5.6}\n{"loss": 1.0}\n{"step": 1, "val_loss": 2.0}\n'
+                    '{"step": 1, "loss": {"a": 1}}\n{"step": 1, "loss": "x"}\n'
                     '{"step": 1, "loss": 4.0, "sample": "a\u2028b"}\n'.encode() + b"[" * 100_000
                     + b'\n{"step": 2, "loss": 3.5, "sample": "\xe2\x80')  # a line cut inside a character
     steps, evaluations = plot.read_log(log)
