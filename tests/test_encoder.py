@@ -139,6 +139,14 @@ def test_a_megabyte_of_varied_text_encodes_like_tiktoken(vocab_dir, tiktoken_gpt
     assert fresh.encode(text) == tiktoken_gpt2.encode_ordinary(text)
 
 
+def test_runs_of_tens_of_thousands_of_letters_with_nowhere_to_cut_encode_like_tiktoken(enc, tiktoken_gpt2):
+    # each run is one pre-token, merged thousands of times: the way a run of DNA or of base64 letters is
+    rng = np.random.default_rng(0)
+    for letters in ("abcdefghijklmnopqrstuvwxyz", "ACGT", "a"):
+        text = "".join(rng.choice(list(letters), 30_000))
+        assert enc.encode(text) == tiktoken_gpt2.encode_ordinary(text)
+
+
 def test_get_encoder_reads_the_model_folder_like_picogpt(vocab_dir, tmp_path):
     shutil.copytree(vocab_dir, tmp_path / "124M")
     assert get_encoder("124M", tmp_path).encode(KNOWN_TEXT) == KNOWN_IDS
