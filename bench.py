@@ -348,7 +348,7 @@ def main(model_size: str | None = None, model_dir: str | None = None, models_dir
         train: time a training step instead, ours against PyTorch's, for the baby GPT and 124M fine-tuning.
         runs: how many times each engine runs, interleaved; the table has the medians.
     """
-    check_flags(model_size, model_dir, n_new, threads, train, runs)
+    check_flags(model_size, model_dir, models_dir, n_new, threads, train, runs)
     if train:
         return train_main(threads, runs)
     spec = inference_spec(model_size or "124M", model_dir, models_dir, n_new, threads)
@@ -400,7 +400,7 @@ def medians(runs):  # one engine's results of each run -> one result: each numbe
             for key, value in runs[0].items()}
 
 
-def check_flags(model_size, model_dir, n_new, threads, train, runs):
+def check_flags(model_size, model_dir, models_dir, n_new, threads, train, runs):
     """A GPT2Error for a flag no run could use, before anything is built or run; a warning for one without effect."""
     check_model_choice(model_size, model_dir)
     check(is_int(n_new) and 1 <= n_new <= MAX_N_NEW, "n_new", f"a whole number from 1 to {MAX_N_NEW}", n_new)
@@ -408,7 +408,8 @@ def check_flags(model_size, model_dir, n_new, threads, train, runs):
     check(is_int(runs) and runs >= 1, "runs", "a whole number >= 1", runs)
     if train:
         ignored = [name for name, is_set in (("model_size", model_size is not None), ("model_dir", model_dir is not None),
-                                             ("n_new", n_new != 128)) if is_set]
+                                             ("models_dir", models_dir != "bench-models"), ("n_new", n_new != 128))
+                   if is_set]
         if ignored:
             warn_no_effect(ignored, "with train, which times training steps of its own shapes", "train")
     elif model_dir is not None:

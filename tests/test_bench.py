@@ -25,3 +25,12 @@ def test_a_model_too_small_for_the_benchmarks_prompts_is_refused(fixture_model, 
     result = run_script("bench.py", "--model_dir", model_dir, "--models_dir", tmp_path / "built")
     assert_clean_error(result, "--model_dir", f"context of {hparams['n_ctx']}")
     assert not (tmp_path / "built").exists()
+
+
+def test_flags_that_train_does_not_use_say_so():
+    import bench
+    from errors import GPT2Warning
+
+    with pytest.warns(GPT2Warning, match=r"^models_dir and n_new have no effect with train, which times") as record:
+        bench.check_flags(None, None, "elsewhere", 64, 2, True, 1)
+    assert tuple(record[0].message.arguments) == ("models_dir", "n_new", "train")
