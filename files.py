@@ -11,6 +11,7 @@ import contextlib
 import errno
 import fcntl
 import io
+import json
 import os
 import shutil
 from pathlib import Path
@@ -18,6 +19,17 @@ from pathlib import Path
 from errors import GPT2Error
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def json_lines(data):  # the bytes of a JSON-lines file -> iterator of (line, its value), for each line that parses
+    # Lines end at \n only: str.splitlines would also cut a value's U+2028, which JSON leaves unescaped. A line that
+    # does not parse is skipped: one a kill cut short (inside a UTF-8 character too, a ValueError as well), or one
+    # nested deeper than Python recurses, which no run writes
+    for line in data.split(b"\n"):
+        try:
+            yield line, json.loads(line)
+        except (ValueError, RecursionError):
+            continue
 
 
 def write_text_atomically(path, text):

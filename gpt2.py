@@ -539,7 +539,6 @@ def score_stream(id_chunks, params, n_head):
     stride = n_ctx // 2
     window, n_old, n_windows = [], 1, 0  # the ids from the window's first on, of which n_old are scored already
     for chunk in id_chunks:
-        chunk = token_ids(chunk, len(params["wte"]), "ids")
         for begin in range(0, len(chunk), n_ctx):
             window.extend(chunk[begin : begin + n_ctx])
             while len(window) >= n_ctx:
@@ -553,7 +552,8 @@ def score_stream(id_chunks, params, n_head):
 
 
 def score_windows(ids, params, n_head):  # [n_seq] -> iterator of [n_new] log-probabilities, one array per window
-    for _, logprobs in score_stream([ids], params, n_head):
+    # the ids checked here, where the API takes them: score_text's come from the tokenizer
+    for _, logprobs in score_stream([token_ids(ids, len(params["wte"]), "ids")], params, n_head):
         yield logprobs
 
 

@@ -4,26 +4,20 @@
 
 matplotlib draws it, an optional install (pip install matplotlib) that nothing else in this project needs.
 """
-import contextlib
-import json
 import sys
 from pathlib import Path
 
 from errors import GPT2Error
+from files import json_lines
 
 
 def read_log(path):  # -> the log's step entries (with "loss") and evaluation entries (with "val_loss")
     try:
-        # lines end at \n only: str.splitlines would also cut a sample's U+2028, which JSON leaves unescaped
-        lines = Path(path).read_bytes().split(b"\n")
+        entries = [entry for _, entry in json_lines(Path(path).read_bytes())]
     except OSError as e:
         raise GPT2Error(f"cannot read {path} ({e.strerror}): give the log.jsonl that train.py wrote in its out_dir",
                         ["log"]) from None
-    entries = []
-    for line in lines:
-        # a line that a kill cut short, even inside a UTF-8 character (a ValueError too), or that no run writes
-        with contextlib.suppress(ValueError, RecursionError):
-            entries.append(json.loads(line))
+
     def numbers_at(entry, *keys):  # whether entry is a dict with a number at each of keys
         return isinstance(entry, dict) and all(isinstance(entry.get(key), (int, float)) for key in ("step", *keys))
 

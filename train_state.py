@@ -15,7 +15,7 @@ import numpy as np
 import gpt2
 from checkpoint import load_safetensors, save_safetensors
 from errors import GPT2Error
-from files import disk_space_for, fsync, lock_holder, locked, write_text_atomically
+from files import disk_space_for, fsync, json_lines, lock_holder, locked, write_text_atomically
 from params import hf_name, leaves, tree_map
 from utils import (SAVED, checked_once, load_encoder_hparams_and_params, params_from_tensors, read_verified_marker,
                    save_hf_folder, write_verified_marker)
@@ -183,11 +183,9 @@ def check_same_model(saved_flags, flags, out_dir):
 def open_log(path, step):  # -> the JSON-lines log, open for appending, keeping only the lines of steps before step
     kept = []
     with contextlib.suppress(FileNotFoundError):
-        # lines end at \n only: str.splitlines would also cut a sample's U+2028, which JSON leaves unescaped
-        for line in path.read_bytes().split(b"\n"):
-            # a line a kill cut short, even inside a UTF-8 character (a ValueError too), or that no run writes
-            with contextlib.suppress(ValueError, TypeError, KeyError, RecursionError):
-                if json.loads(line)["step"] < step:
+        for line, entry in json_lines(path.read_bytes()):
+            with contextlib.suppress(TypeError, KeyError):  # a value that is not a step's entry, which no run writes
+                if entry["step"] < step:
                     kept.append(line.decode("utf-8") + "\n")
     write_text_atomically(path, "".join(kept))
     # unbuffered: a write the disk has no room for fails there and then, and leaves nothing to fail again at close
